@@ -1,0 +1,304 @@
+"""Models: the torchvision table, weights loading, ONNX sessions, device and precision.
+
+Two backends share one small interface (`categories`, `spec`, `device`, `predict`), so the
+segmenter does not care which one runs. torchvision is imported lazily: `--help` must not pay
+for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import zipfile
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .preprocess import InputSpec
+from .types import DeviceError, ModelLoadError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    """One row of the model table: a torchvision builder and its weights enum."""
+
+    builder: str
+    weights: str
+    aux: bool  # whether the official checkpoint carries an auxiliary head
+
+
+#: `--model` name -> torchvision builder and weights (default weights: COCO with VOC labels).
+MODELS: dict[str, ModelEntry] = {
+    "deeplabv3_resnet101": ModelEntry("deeplabv3_resnet101", "DeepLabV3_ResNet101_Weights", True),
+    "deeplabv3_resnet50": ModelEntry("deeplabv3_resnet50", "DeepLabV3_ResNet50_Weights", True),
+    "deeplabv3_mobilenet_v3_large": ModelEntry(
+        "deeplabv3_mobilenet_v3_large", "DeepLabV3_MobileNet_V3_Large_Weights", True
+    ),
+    "lraspp_mobilenet_v3_large": ModelEntry("lraspp_mobilenet_v3_large", "LRASPP_MobileNet_V3_Large_Weights", False),
+    "fcn_resnet50": ModelEntry("fcn_resnet50", "FCN_ResNet50_Weights", True),
+    "fcn_resnet101": ModelEntry("fcn_resnet101", "FCN_ResNet101_Weights", True),
+}
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; an absent device that was asked for is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device '{name}' was asked for but CUDA is not available on this machine")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DeviceError("device 'mps' was asked for but Apple MPS is not available on this machine")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def weights_for(name: str):
+    """The torchvision weights enum value (DEFAULT) of a table entry."""
+    import torchvision.models.segmentation as seg
+
+    return getattr(seg, MODELS[name].weights).DEFAULT
+
+
+def spec_from_weights(weights) -> InputSpec:
+    """InputSpec from the weights' own transforms, never typed in by hand."""
+    t = weights.transforms()
+    size = t.resize_size[0] if isinstance(t.resize_size, (list, tuple)) else t.resize_size
+    return InputSpec(
+        size=int(size) if size else None,
+        mean=tuple(float(m) * 255.0 for m in t.mean),
+        std=tuple(float(s) * 255.0 for s in t.std),
+    )
+
+
+class _OutOnly(torch.nn.Module):
+    """torchvision segmentation models return {'out': logits, 'aux': ...}; keep the logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+class TorchModel:
+    """A torchvision segmentation model, ready for inference on one device and precision."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        device: torch.device,
+        precision: Optional[str] = None,
+        weights_file: Optional[str] = None,
+        pretrained: bool = True,
+        channels_last: bool = True,
+    ):
+        if name not in MODELS:
+            raise UsageError(f"unknown model '{name}'; choose one of {', '.join(MODELS)} or an ONNX file")
+        self.name = name
+        self.device = device
+        weights = weights_for(name)
+        self.categories: tuple[str, ...] = tuple(weights.meta["categories"])
+        self.spec = spec_from_weights(weights)
+        precision = precision or ("fp16" if device.type == "cuda" else "fp32")
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+        self.channels_last = channels_last
+        net = _build(name, weights, weights_file=weights_file, pretrained=pretrained, num_classes=len(self.categories))
+        # The auxiliary head only helps training; dropping it saves its whole forward pass.
+        if getattr(net, "aux_classifier", None) is not None:
+            net.aux_classifier = None
+        net = _OutOnly(net).eval().to(device=device, dtype=self.dtype)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if device.type == "cuda":
+            # Set here, when a CUDA segmenter is built, not at import time: fixed-size frames let
+            # cuDNN pick its fastest kernels once.
+            torch.backends.cudnn.benchmark = True
+        self.net = net
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) normalised input -> (N, C, h, w) logits, on the model's device."""
+        return self.net(x)
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) normalised input -> (N, h, w) uint8 class ids, on the model's device."""
+        return self.net(x).argmax(1).to(torch.uint8)
+
+
+def _build(name: str, weights, *, weights_file: Optional[str], pretrained: bool, num_classes: int) -> torch.nn.Module:
+    import torchvision.models.segmentation as seg
+
+    entry = MODELS[name]
+    builder = getattr(seg, entry.builder)
+    if weights_file is not None:
+        state = load_state_dict(weights_file, official=weights)
+        aux = any(k.startswith("aux_classifier.") for k in state)
+        kwargs = {"aux_loss": True} if aux else {}
+        net = builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ModelLoadError(f"weights file '{weights_file}' does not fit model {name}: {first}") from exc
+        return net
+    if not pretrained:
+        return builder(weights=None, weights_backbone=None, num_classes=num_classes)
+    return _download(name, builder, weights)
+
+
+def _download(name: str, builder, weights) -> torch.nn.Module:
+    filename = weights.url.rsplit("/", 1)[-1]
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        # torchvision's own path: TORCH_HOME cache, progress bar, hash check of the file name's prefix.
+        return builder(weights=weights, progress=True)
+    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+        if (cache / filename).exists():
+            raise ModelLoadError(
+                f"cached weights '{cache / filename}' for {name} cannot be loaded ({_short(exc)}); "
+                f"delete it to download again, or pass --weights FILE"
+            ) from exc
+        raise ModelLoadError(
+            f"cannot download weights for {name} ({_short(exc)}): put {filename} from {weights.url} "
+            f"into {cache}, or pass --weights FILE"
+        ) from exc
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "reason", None) or exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_state_dict(path: str, *, official=None) -> dict:
+    """A state dict from a local file, loaded with weights_only=True (never plain pickle).
+
+    When the file carries an official torchvision name (…-586e9e4e.pth), the sha256 prefix in
+    that name is checked first.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadError(f"weights file '{path}' not found")
+    m = re.search(r"-([0-9a-f]{8,})\.pth$", p.name)
+    official_name = official.url.rsplit("/", 1)[-1] if official is not None else None
+    if m and (official_name is None or p.name == official_name or "_coco-" in p.name):
+        digest = _sha256(p)
+        if not digest.startswith(m.group(1)):
+            raise ModelLoadError(
+                f"weights file '{path}' is damaged or not the official file: sha256 starts with "
+                f"{digest[:len(m.group(1))]}, its name says {m.group(1)}"
+            )
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types here (UnpicklingError, RuntimeError, ...)
+        raise ModelLoadError(f"weights file '{path}' cannot be loaded as a state dict: {_short(exc)}") from exc
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # training checkpoints wrap the weights
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"weights file '{path}' does not hold a state dict of tensors")
+    return state
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class OnnxModel:
+    """An ONNX segmentation model in onnxruntime; preprocessing from its metadata or overrides."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        device: torch.device,
+        input_size=None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        categories: Optional[Sequence[str]] = None,
+    ):
+        import onnxruntime as ort
+
+        p = Path(path)
+        if not p.is_file():
+            raise ModelLoadError(f"ONNX model '{path}' not found")
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        elif device.type == "cuda":
+            log.warning("onnxruntime has no CUDA provider here; running %s on the CPU", p.name)
+            device = torch.device("cpu")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = os.cpu_count() or 1
+        try:
+            self.session = ort.InferenceSession(str(p), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, ...)
+            raise ModelLoadError(f"'{path}' is not a usable ONNX model: {_short(exc)}") from exc
+        self.name = p.name
+        self.device = device
+        self.precision = "fp32"
+        meta = self.session.get_modelmeta().custom_metadata_map
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.fixed_batch = isinstance(inp.shape[0], int) and inp.shape[0] == 1
+        self.categories, self.spec = _onnx_spec(path, meta, inp.shape, input_size, mean, std, categories)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) normalised input -> (N, h, w) uint8 class ids (CPU tensor)."""
+        arr = x.detach().cpu().float().numpy()
+        if self.fixed_batch and len(arr) > 1:
+            outs = [self.session.run(None, {self.input_name: arr[i : i + 1]})[0] for i in range(len(arr))]
+            logits = np.concatenate(outs)
+        else:
+            logits = self.session.run(None, {self.input_name: arr})[0]
+        return torch.from_numpy(logits.argmax(1).astype(np.uint8))
+
+
+def _onnx_spec(path, meta, shape, input_size, mean, std, categories):
+    from .config import parse_input_size, parse_triple
+
+    missing = []
+    size = input_size if input_size is not None else meta.get("streamseg.input_size")
+    if isinstance(size, str):
+        size = parse_input_size(size)
+    if size is None and len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]):
+        size = (int(shape[3]), int(shape[2]))  # a static NCHW shape says it all
+    if size is None:
+        missing.append("streamseg.input_size (--input-size)")
+    if mean is None and "streamseg.mean" in meta:
+        mean = parse_triple(meta["streamseg.mean"], "streamseg.mean")
+    if mean is None:
+        missing.append("streamseg.mean (--mean)")
+    if std is None and "streamseg.std" in meta:
+        std = parse_triple(meta["streamseg.std"], "streamseg.std")
+    if std is None:
+        missing.append("streamseg.std (--std)")
+    if categories is None and "streamseg.categories" in meta:
+        categories = [c.strip() for c in meta["streamseg.categories"].split(",")]
+    if not categories:
+        missing.append("streamseg.categories (--categories)")
+    if missing:
+        raise ModelLoadError(f"ONNX model '{path}' lacks preprocessing metadata: {', '.join(missing)}; pass the flags")
+    return tuple(categories), InputSpec(size=size, mean=tuple(mean), std=tuple(std))

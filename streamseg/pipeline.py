@@ -1,0 +1,87 @@
+"""The order of stages: read, segment, paint, write. The only module that knows it.
+
+Still images run in the caller's thread; video runs in `video.py`'s threads. No printing here:
+results are yielded to the CLI (or any caller) to report.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from .overlay import Painter, draw_legend
+from .sinks import JsonLines, check_target, ensure_dir, write_png
+from .sources import read_image
+from .segmenter import Segmenter
+from .types import Segmentation, SourceError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    """What happened to one still image: its segmentation and files, or the error that stopped it."""
+
+    path: Path
+    segmentation: Optional[Segmentation] = None
+    outputs: tuple[Path, ...] = ()
+    error: Optional[str] = None
+
+
+def image_outputs(path: Path, out_dir: Path) -> tuple[Path, Path, Path]:
+    """<stem>_overlay.png, <stem>_mask.png, <stem>_labels.png in out_dir."""
+    stem = path.stem
+    return (out_dir / f"{stem}_overlay.png", out_dir / f"{stem}_mask.png", out_dir / f"{stem}_labels.png")
+
+
+def class_record(seg: Segmentation) -> dict:
+    """{"car": {"pixels": 27694, "share": 0.0301}, ...} for the selected classes."""
+    return {
+        seg.categories[c]: {"pixels": seg.count(c), "share": round(seg.share(c), 6)} for c in seg.selected
+    }
+
+
+def check_image_targets(paths: Sequence[Path], out_dir: Path, *, overwrite: bool) -> None:
+    """Fail before any work when an output would clobber an existing file or an input."""
+    ensure_dir(out_dir)
+    stems: dict[str, Path] = {}
+    for p in paths:
+        if p.stem in stems and stems[p.stem] != p:
+            raise SourceError(f"'{p}' and '{stems[p.stem]}' would write the same outputs; segment them into different -o directories")
+        stems[p.stem] = p
+        for target in image_outputs(p, out_dir):
+            check_target(target, overwrite=overwrite, inputs=tuple(paths))
+
+
+def run_images(
+    paths: Sequence[Path],
+    segmenter: Segmenter,
+    *,
+    out_dir: Path,
+    alpha: float = 0.5,
+    legend: bool = False,
+    stats: Optional[JsonLines] = None,
+) -> Iterator[ImageResult]:
+    """Segment each image with the one loaded model; write overlay, mask and labels PNGs.
+
+    A bad image yields an ImageResult with `error` set and the run goes on with the next one.
+    """
+    painter = Painter(selected=segmenter.selected, palette=segmenter.palette, alpha=alpha)
+    for path in paths:
+        try:
+            image = read_image(path)
+        except SourceError as exc:
+            yield ImageResult(path=path, error=str(exc))
+            continue
+        seg = segmenter(image)
+        overlay = painter.blend(image, seg.labels)
+        if legend:
+            overlay = draw_legend(overlay, seg.present, seg.categories, segmenter.palette)
+        targets = image_outputs(path, out_dir)
+        for target, picture in zip(targets, (overlay, painter.colour_mask(seg.labels), seg.labels)):
+            write_png(target, picture)
+        if stats is not None:
+            h, w = seg.labels.shape
+            stats.write({"source": str(path), "width": w, "height": h, "classes": class_record(seg)})
+        yield ImageResult(path=path, segmentation=seg, outputs=targets)

@@ -1,0 +1,134 @@
+"""`Segmenter`: the shared core of every mode. Frame in, `Segmentation` out.
+
+    >>> from streamseg import Segmenter
+    >>> seg = Segmenter("deeplabv3_resnet101", device="auto", classes="car")   # doctest: +SKIP
+    >>> result = seg(frame_bgr)                                               # doctest: +SKIP
+    >>> result.labels.shape == frame_bgr.shape[:2], result.shares             # doctest: +SKIP
+    (True, {'car': 0.031})
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .labels import palette as make_palette
+from .labels import parse_classes
+from .model import MODELS, OnnxModel, TorchModel, resolve_device
+from .preprocess import to_input
+from .types import Frame, ModelLoadError, Segmentation, UsageError
+
+log = logging.getLogger(__name__)
+
+
+class Segmenter:
+    """Built once from a model name (or an .onnx path), a device and the classes to show.
+
+    Call it on a (H, W, 3) uint8 BGR frame, or a `Frame`; `segment_batch` takes several frames
+    of one size. Labels come back at the frame's own resolution.
+    """
+
+    def __init__(
+        self,
+        model: str = "deeplabv3_resnet101",
+        *,
+        device: str = "auto",
+        classes: str = "car",
+        weights: Optional[str] = None,
+        pretrained: bool = True,
+        precision: Optional[str] = None,
+        input_size=None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        categories: Optional[Sequence[str]] = None,
+        channels_last: bool = True,
+    ):
+        dev = resolve_device(device)
+        _configure_threads(dev)
+        if model.lower().endswith(".onnx"):
+            if weights is not None:
+                raise UsageError("--weights applies to torchvision models, not to ONNX files")
+            try:
+                self.model: Union[TorchModel, OnnxModel] = OnnxModel(
+                    model, device=dev, input_size=input_size, mean=mean, std=std, categories=categories
+                )
+            except ValueError as exc:  # metadata that does not parse
+                raise ModelLoadError(f"ONNX model '{model}': {exc}") from exc
+        else:
+            if model not in MODELS:
+                raise UsageError(f"unknown model '{model}'; choose one of {', '.join(MODELS)} or a path to an .onnx file")
+            self.model = TorchModel(
+                model,
+                device=dev,
+                precision=precision,
+                weights_file=weights,
+                pretrained=pretrained,
+                channels_last=channels_last,
+            )
+        self.categories: tuple[str, ...] = self.model.categories
+        self.selected: tuple[int, ...] = parse_classes(classes, self.categories)
+        self.palette = make_palette(self.categories)
+        self.device = self.model.device
+
+    @property
+    def spec(self):
+        return self.model.spec
+
+    def __call__(self, frame: Union[np.ndarray, Frame]) -> Segmentation:
+        return self.segment_batch([frame])[0]
+
+    def segment_batch(self, frames: Sequence[Union[np.ndarray, Frame]]) -> list[Segmentation]:
+        """Segment frames of one size in one model call."""
+        frames = [f if isinstance(f, Frame) else Frame(image=_check_image(f), index=i, timestamp_s=0.0) for i, f in enumerate(frames)]
+        images = [f.image for f in frames]
+        labels = self.labels(images)
+        return [
+            Segmentation(frame=f, labels=lab, categories=self.categories, selected=self.selected)
+            for f, lab in zip(frames, labels)
+        ]
+
+    def labels(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """(H, W, 3) uint8 BGR images of one size -> (H, W) uint8 label maps at that size."""
+        m = self.model
+        use_cl = isinstance(m, TorchModel) and m.channels_last
+        dtype = m.dtype if isinstance(m, TorchModel) else torch.float32
+        x = to_input(images, m.spec, device=m.device, dtype=dtype, channels_last=use_cl)
+        small = m.predict(x)  # (N, h, w) uint8 on the model's device
+        height, width = images[0].shape[:2]
+        if small.device.type != "cpu":
+            # Resize on the device and download the uint8 map once.
+            if small.shape[-2:] != (height, width):
+                small = F.interpolate(small[:, None].float(), size=(height, width), mode="nearest-exact")[:, 0]
+            return list(small.to(torch.uint8).cpu().numpy())
+        out = []
+        for lab in small.numpy():
+            if lab.shape != (height, width):
+                lab = cv2.resize(lab, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+            out.append(lab)
+        return out
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError("expected a (H, W, 3) uint8 BGR array")
+    return image
+
+
+_threads_set = False
+
+
+def _configure_threads(device: torch.device) -> None:
+    """One owner for the CPU cores: torch's intra-op pool gets them; OpenCV's own pool, which
+    would fight it on a 2-core machine, is limited to one thread."""
+    global _threads_set
+    if _threads_set:
+        return
+    _threads_set = True
+    if device.type == "cpu":
+        cv2.setNumThreads(1)
+        torch.set_num_threads(max(1, os.cpu_count() or 1))

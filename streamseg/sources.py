@@ -1,0 +1,505 @@
+"""Where frames come from: video files, cameras, network streams and still images.
+
+This module owns every ``cv2.VideoCapture`` and every image read, the fps and frame-count
+fallbacks, and the reconnect policy for live sources. It hands out ``Frame`` objects whose
+``image`` is always a real decoded picture, (H, W, 3) uint8 BGR: a failed read ends the
+input or triggers a reconnect, it never produces a placeholder frame.
+
+Example::
+
+    with VideoSource("clip.mp4") as source:
+        while (frame := source.read()) is not None:
+            ...
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import cv2
+import numpy as np
+
+from .types import Frame, SourceError, UsageError, VideoInfo
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+SUPPORTED_SCHEMES = ("rtsp", "rtsps", "http", "https")
+
+# RFC 3986 scheme. A single letter is a Windows drive ("C:\\clips\\a.mp4"), not a scheme.
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_CAMERA_RE = re.compile(r"[0-9]+", re.ASCII)
+_GLOB_CHARS = frozenset("*?[")
+
+_DEFAULT_FPS = 30.0
+_MIN_FPS, _MAX_FPS = 1.0, 1000.0
+# How often a back-off sleep looks at close(): the stop event itself wakes it at once.
+_WAKE_SLICE_S = 0.1
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def source_kind(spec: str) -> str:
+    """Classify a SOURCE argument: 'camera', 'stream', 'images' or 'video'.
+
+    >>> source_kind("0"), source_kind("rtsp://cam/live"), source_kind("shots/*.jpg"), source_kind("a.mp4")
+    ('camera', 'stream', 'images', 'video')
+
+    Raises UsageError for an empty spec or a URL scheme other than SUPPORTED_SCHEMES.
+    """
+    if not spec:
+        raise UsageError("empty SOURCE: give a video file, image, directory, glob, camera index or stream URL")
+    match = _SCHEME_RE.match(spec)
+    # An existing file whose name happens to contain a colon ("take:2.mp4") is a file, not a URL.
+    if match and len(match.group(1)) > 1 and not os.path.exists(spec):
+        scheme = match.group(1).lower()
+        if scheme in SUPPORTED_SCHEMES:
+            return "stream"
+        accepted = ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
+        raise UsageError(
+            f"unsupported URL scheme '{scheme}:' in SOURCE '{_redact(spec)}'; accepted: {accepted}, "
+            "a camera index, or a local path"
+        )
+    if _CAMERA_RE.fullmatch(spec):
+        return "camera"
+    path = Path(spec)
+    if path.is_dir():
+        return "images"
+    # An existing file is judged by its suffix even if its name contains glob characters ("clip [hd].mp4").
+    if path.is_file():
+        return "images" if _is_image_name(path) else "video"
+    if any(ch in _GLOB_CHARS for ch in spec) or _is_image_name(path):
+        return "images"
+    return "video"
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _redact(url: str) -> str:
+    """The URL with any password replaced by '***', so logs and errors never leak credentials."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:  # a malformed port or netloc: keep the scheme only rather than guess
+        return url.split(":", 1)[0] + "://***"
+
+
+# --------------------------------------------------------------------------- still images
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read one image file as (H, W, 3) uint8 BGR.
+
+    Grayscale is expanded to three channels, alpha is dropped (not composited), 16-bit and float
+    (0..1) images are scaled to 8 bits, and the EXIF orientation is applied so the picture stands
+    the way viewers show it. Raises SourceError naming the path and the reason.
+    """
+    path = Path(path)
+    # np.fromfile + imdecode rather than cv2.imread: imread cannot open non-ASCII paths on Windows
+    # and returns a bare None for every kind of failure; reading the bytes ourselves tells them apart.
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise SourceError(f"image '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise SourceError(f"image '{path}' is a directory, not an image file") from None
+    except OSError as exc:
+        raise SourceError(f"cannot read image '{path}': {exc.strerror or exc}") from None
+    if data.size == 0:
+        raise SourceError(f"image '{path}' is empty (0 bytes)")
+    # IMREAD_COLOR | IMREAD_ANYDEPTH instead of IMREAD_UNCHANGED: the decoder already turns gray and
+    # BGRA into BGR, keeps 16-bit depth for proper rounding below, and, unlike UNCHANGED, applies
+    # the EXIF orientation (phone photos would otherwise come out sideways).
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    except cv2.error:
+        image = None
+    if image is None:
+        raise SourceError(f"image '{path}' could not be decoded: not a supported image, or truncated/corrupt")
+    return _to_bgr8(image, path)
+
+
+def _to_bgr8(image: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W, 3) any-depth BGR -> (H, W, 3) uint8 BGR."""
+    if image.ndim == 2:  # defensive: IMREAD_COLOR should already give three channels
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    elif image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.dtype == np.uint8:
+        return np.ascontiguousarray(image)
+    if image.dtype == np.uint16:
+        # round(v / 257) maps 0..65535 onto 0..255 exactly (65535 / 257 == 255).
+        return ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if image.dtype in (np.float32, np.float64):
+        # Float TIFF/EXR by convention hold 0..1; NaN becomes black rather than undefined bytes.
+        scaled = np.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0)
+        return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+    raise SourceError(f"image '{path}' has unsupported pixel type {image.dtype}")
+
+
+def expand_image_sources(specs: Sequence[str]) -> list[Path]:
+    """Turn image SOURCE arguments into a list of image files.
+
+    A file is kept as given; a directory gives its image files (by suffix, sorted by name,
+    not recursive, hidden files skipped); a glob gives its sorted matches that are image files
+    ("**" recurses). Duplicates (the same file reached twice) are dropped, first occurrence wins.
+    Raises SourceError naming a missing path, an image-less directory or a glob that matched nothing.
+
+    >>> expand_image_sources(["shots/", "extra.png"])  # doctest: +SKIP
+    [PosixPath('shots/a.jpg'), PosixPath('shots/b.jpg'), PosixPath('extra.png')]
+    """
+    result: list[Path] = []
+    seen: set[str] = set()
+    for spec in specs:
+        if not spec:
+            raise SourceError("empty image source")
+        path = Path(spec)
+        if path.is_file():
+            found = [path]
+        elif path.is_dir():
+            # Hidden files are skipped: macOS "._photo.jpg" resource forks carry image suffixes but are not images.
+            found = sorted(p for p in path.iterdir() if _is_image_name(p) and not p.name.startswith(".") and p.is_file())
+            if not found:
+                listed = " ".join(sorted(IMAGE_SUFFIXES))
+                raise SourceError(f"directory '{spec}' contains no image files ({listed})")
+        elif any(ch in _GLOB_CHARS for ch in spec):
+            found = [Path(m) for m in sorted(glob.glob(spec, recursive=True)) if _is_image_name(Path(m)) and os.path.isfile(m)]
+            if not found:
+                raise SourceError(f"pattern '{spec}' matched no image files")
+        else:
+            raise SourceError(f"image source '{spec}' does not exist")
+        for file in found:
+            key = os.path.realpath(file)
+            if key not in seen:
+                seen.add(key)
+                result.append(file)
+    return result
+
+
+# --------------------------------------------------------------------------- video, cameras, streams
+
+
+class VideoSource:
+    """Frames from one video file, camera index or network stream URL.
+
+    Files are read in order to their end. Live sources (cameras, streams) reconnect after a drop
+    with back-off 1, 2, 4, ... s capped at ``backoff_cap_s``, up to ``reconnect`` attempts in a
+    row (a successful reconnect resets the count), logging one warning per attempt; after that
+    ``read()`` raises SourceError. Setting ``stop`` ends any back-off wait at once and makes
+    ``read()``/``grab()`` return None. Files and streams are opened through the FFmpeg backend
+    with open/read timeouts of ``timeout_s``, so a dead stream cannot hang a read forever.
+
+    A stream that cannot be reached at start-up is retried under the same policy (a camera that
+    is rebooting, a server started after us); a file or camera that cannot be opened fails at once.
+
+    ``read()``, ``grab()`` and ``close()`` may be called from different threads: they serialise
+    on an internal lock, and ``close()`` never releases the capture under a running read.
+
+    >>> with VideoSource("clip.mp4") as src:  # doctest: +SKIP
+    ...     src.grab()            # skip frame 0 without converting it
+    ...     frame = src.read()    # frame.index == 1
+    """
+
+    info: VideoInfo
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        reconnect: int = 10,
+        backoff_cap_s: float = 30.0,
+        stop: Optional[threading.Event] = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        if reconnect < 0:
+            raise ValueError(f"reconnect must be 0 or more, got {reconnect}")
+        if not backoff_cap_s > 0:
+            raise ValueError(f"backoff_cap_s must be positive, got {backoff_cap_s}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        kind = source_kind(spec)
+        if kind == "images":
+            raise UsageError(f"'{spec}' is an image source, not a video, camera or stream")
+
+        self._spec = spec
+        self._kind = kind
+        self._max_attempts = int(reconnect)
+        self._backoff_cap_s = float(backoff_cap_s)
+        self._stop = stop if stop is not None else threading.Event()
+        self._timeout_ms = max(1, int(round(timeout_s * 1000)))
+        self._lock = threading.RLock()
+        self._cap: Optional[cv2.VideoCapture] = None
+        # The first frame is read while opening (to prove the source really delivers) and kept
+        # here until read()/grab() hands it out: (image (H, W, 3) uint8 BGR, monotonic capture time).
+        self._pending: Optional[tuple[np.ndarray, float]] = None
+        self._next_index = 0
+        self._ended = False
+        self._closing = False
+        self._closed = False
+        if kind == "camera":
+            self._label = f"camera {int(spec)}"
+            name = self._label
+        elif kind == "stream":
+            name = _redact(spec)
+            self._label = f"stream '{name}'"
+        else:
+            name = spec
+            self._label = f"video '{spec}'"
+
+        try:
+            if kind == "stream":
+                self._open_stream_with_retries()
+            else:
+                self._open_once()
+            assert self._cap is not None and self._pending is not None  # _open_once guarantees both
+            height, width = self._pending[0].shape[:2]
+            live = kind != "video"
+            self.info = VideoInfo(
+                width=int(width),
+                height=int(height),
+                fps=self._probe_fps(),
+                frame_count=None if live else self._probe_frame_count(),
+                live=live,
+                name=name,
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    # -- public ---------------------------------------------------------------------------
+
+    @property
+    def kind(self) -> str:
+        """'video', 'camera' or 'stream' (see source_kind)."""
+        return self._kind
+
+    def read(self) -> Optional[Frame]:
+        """The next frame, (H, W, 3) uint8 BGR, or None at end of file, after close() or once stop is set.
+
+        Raises SourceError when a live source cannot be reconnected.
+        """
+        with self._lock:
+            while True:
+                if self._finished():
+                    return None
+                if self._pending is not None:
+                    image, captured = self._pending
+                    self._pending = None
+                    return self._make_frame(image, captured)
+                ok, image = self._cap.read()
+                if ok and image is not None and image.size:
+                    return self._make_frame(image, time.monotonic())
+                if not self._recover("read failed or timed out"):
+                    return None
+
+    def grab(self) -> Optional[int]:
+        """Skip one frame without converting it to BGR; return the index skipped, or None as read() would.
+
+        ``cv2.VideoCapture.grab()`` still demuxes and decodes the packet (later frames depend on it)
+        but skips the colour conversion and the copy into a numpy array.
+        """
+        with self._lock:
+            while True:
+                if self._finished():
+                    return None
+                if self._pending is not None:
+                    self._pending = None
+                    return self._take_index()
+                if self._cap.grab():
+                    return self._take_index()
+                if not self._recover("grab failed or timed out"):
+                    return None
+
+    def close(self) -> None:
+        """Release the capture. Safe to call twice and from another thread."""
+        # Flag first, without the lock: a reader sleeping in a reconnect back-off sees it and lets go.
+        self._closing = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._pending = None
+            self._release()
+
+    def __enter__(self) -> "VideoSource":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"next index {self._next_index}"
+        return f"<VideoSource {self._label} ({state})>"
+
+    # -- opening --------------------------------------------------------------------------
+
+    def _open_once(self) -> None:
+        """Open the capture and read its first frame into self._pending, or raise SourceError."""
+        if self._kind == "video":
+            path = Path(self._spec)
+            if not path.exists():
+                raise SourceError(f"video '{self._spec}' does not exist")
+        cap = self._new_capture()
+        try:
+            if not cap.isOpened():
+                raise SourceError(self._open_failure())
+            ok, image = cap.read()
+            if not ok or image is None or not image.size:
+                raise SourceError(self._first_read_failure())
+        except BaseException:
+            cap.release()
+            raise
+        self._cap = cap
+        self._pending = (image, time.monotonic())
+
+    def _new_capture(self) -> cv2.VideoCapture:
+        if self._kind == "camera":
+            # Default backend choice (V4L2, MSMF, AVFoundation...). The timeout properties are
+            # FFmpeg-only; handing them to a camera backend could make it refuse to open.
+            return cv2.VideoCapture(int(self._spec))
+        params = [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, self._timeout_ms,
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC, self._timeout_ms,
+        ]
+        return cv2.VideoCapture(self._spec, cv2.CAP_FFMPEG, params)
+
+    def _open_failure(self) -> str:
+        if self._kind == "camera":
+            return f"{self._label} could not be opened (no such device, or it is in use)"
+        if self._kind == "stream":
+            seconds = self._timeout_ms / 1000
+            return f"cannot open {self._label}: unreachable, refused, or no answer within {seconds:g} s"
+        return f"cannot open {self._label}: not a video OpenCV can read"
+
+    def _first_read_failure(self) -> str:
+        if self._kind == "video":
+            return f"{self._label} has no readable frames"
+        return f"{self._label} opened but delivered no frame"
+
+    def _open_stream_with_retries(self) -> None:
+        try:
+            self._open_once()
+            return
+        except SourceError as exc:
+            if self._max_attempts == 0:
+                raise
+            failure = str(exc)
+        if not self._retry(failure):
+            raise SourceError(f"stopped while waiting for {self._label} to come up")
+
+    def _probe_fps(self) -> float:
+        fps = float(self._cap.get(cv2.CAP_PROP_FPS))
+        # Containers without a rate report 0, some streams NaN or silly values (90000 = the RTP
+        # clock): one warning and a common default beats a writer that refuses to open.
+        if not math.isfinite(fps) or not _MIN_FPS <= fps <= _MAX_FPS:
+            log.warning("%s reports fps %r; assuming %.1f", self._label, fps, _DEFAULT_FPS)
+            return _DEFAULT_FPS
+        return fps
+
+    def _probe_frame_count(self) -> Optional[int]:
+        count = float(self._cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        # Unknown lengths come back as 0, -1 or -2**63 depending on the container.
+        if not math.isfinite(count) or count <= 0:
+            return None
+        return int(round(count))
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _finished(self) -> bool:
+        return self._closed or self._ended or self._stop.is_set()
+
+    def _take_index(self) -> int:
+        index = self._next_index
+        self._next_index += 1
+        return index
+
+    def _make_frame(self, image: np.ndarray, captured: float) -> Frame:
+        index = self._take_index()
+        # Files carry media time so results line up with the video; live sources carry wall-clock time.
+        timestamp = captured if self.info.live else index / self.info.fps
+        return Frame(image=image, index=index, timestamp_s=timestamp)
+
+    def _recover(self, reason: str) -> bool:
+        """After a failed read: True when a new first frame is pending, False when reading should stop."""
+        if not self.info.live:
+            # Files never reconnect: a failed read is the end, early or not.
+            self._ended = True
+            expected = self.info.frame_count
+            if expected is not None and self._next_index < expected:
+                log.warning(
+                    "%s ended after %d of %d frames (truncated or corrupt file?)",
+                    self._label, self._next_index, expected,
+                )
+            return False
+        if self._closing or self._stop.is_set():
+            return False
+        if self._max_attempts == 0:
+            raise SourceError(f"{self._label} dropped ({reason}) and reconnecting is disabled")
+        self._release()
+        try:
+            if not self._retry(f"{self._label} dropped ({reason})"):
+                return False
+        except SourceError:
+            self._ended = True  # nothing left to read from; later calls return None
+            raise
+        height, width = self._pending[0].shape[:2]
+        if (width, height) != (self.info.width, self.info.height):
+            log.warning(
+                "%s came back at %dx%d instead of %dx%d",
+                self._label, width, height, self.info.width, self.info.height,
+            )
+        return True
+
+    def _retry(self, failure: str) -> bool:
+        """Reopen with back-off after `failure` (a one-line description).
+
+        True once open (its first frame pending), False if stopped or closed meanwhile;
+        SourceError once the attempts are used up.
+        """
+        for attempt in range(1, self._max_attempts + 1):
+            delay = min(self._backoff_cap_s, 2.0 ** (attempt - 1))
+            log.warning("%s; reconnecting in %g s (attempt %d/%d)", failure, delay, attempt, self._max_attempts)
+            if not self._sleep(delay):
+                return False
+            try:
+                self._open_once()
+            except SourceError as exc:
+                failure = str(exc)
+                continue
+            log.info("%s reconnected after %d attempt(s)", self._label, attempt)
+            return True
+        raise SourceError(f"gave up on {self._label} after {self._max_attempts} reconnect attempts; last error: {failure}")
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait `seconds`; False as soon as stop is set or close() is called."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self._closing:
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            # The stop event wakes this at once; the slice only bounds how late close() is noticed.
+            if self._stop.wait(min(remaining, _WAKE_SLICE_S)):
+                return False
+
+    def _release(self) -> None:
+        if self._cap is not None:
+            cap, self._cap = self._cap, None
+            cap.release()
