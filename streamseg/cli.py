@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
@@ -130,9 +133,7 @@ def _run(opts: Options) -> int:
         return _run_images(opts, expand_image_sources(opts.sources))
     if len(opts.sources) > 1:
         raise UsageError("give one video, camera or stream SOURCE at a time (several SOURCEs must all be images)")
-    from .app import run_video
-
-    return run_video(opts, kinds.pop(), _segmenter)
+    return _run_video(opts, kinds.pop())
 
 
 def _run_images(opts: Options, paths) -> int:
@@ -179,3 +180,165 @@ def _export(argv: Sequence[str]) -> int:
     path = export_onnx(opts)
     print(f"wrote {path}")
     return 0
+
+
+class _Signals:
+    """SIGINT/SIGTERM policy for video runs.
+
+    Before frames flow, a signal interrupts at once (nothing has been written). While frames flow,
+    the first signal sets the stop event so every stage winds down and the output is finalised;
+    a second SIGINT interrupts at once.
+    """
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self.received: Optional[int] = None
+        self.flowing = False
+        self._old: dict = {}
+
+    def __enter__(self) -> "_Signals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, _frame) -> None:
+        first = self.received is None
+        self.received = self.received or signum
+        if self.flowing and first:
+            self.stop.set()
+            return
+        raise KeyboardInterrupt
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        if self.received is None:
+            return None
+        return 128 + int(self.received)
+
+
+def _video_output(opts: Options, kind: str, spec: str) -> Optional[Path]:
+    """-o as given; a directory gets <stem>_overlay.mp4; a video file without -o gets that in '.'."""
+    stem = Path(spec).stem if kind == "video" else ("camera" + spec if kind == "camera" else "stream")
+    if opts.output is None:
+        return Path(f"{stem}_overlay.mp4") if kind == "video" else None
+    out = Path(opts.output)
+    if out.is_dir() or opts.output.endswith(("/", "\\")):
+        return out / f"{stem}_overlay.mp4"
+    if out.suffix.lower() not in (".mp4", ".m4v", ".mov"):
+        raise UsageError(f"video output must be an .mp4 file or a directory, got '{opts.output}'")
+    return out
+
+
+def _run_video(opts: Options, kind: str) -> int:
+    from .sinks import JsonLines, MaskDir, check_target, ensure_dir
+
+    spec = opts.sources[0]
+    inputs = (Path(spec),) if kind == "video" else ()
+    out = _video_output(opts, kind, spec)
+    if out is not None:
+        ensure_dir(out.parent if str(out.parent) else Path("."))
+        check_target(out, overwrite=opts.overwrite, inputs=inputs)
+    if opts.stats:
+        check_target(Path(opts.stats), overwrite=opts.overwrite, inputs=inputs)
+    show = opts.show or (kind != "video" and out is None and not opts.no_show)
+    if show:
+        from .window import ensure_display
+
+        ensure_display()
+    if not (out or show or opts.stats or opts.save_masks):
+        raise UsageError("nothing to do: give -o, --show, --stats or --save-masks")
+
+    stop = threading.Event()
+    with _Signals(stop) as signals:
+        segmenter = _segmenter(opts)
+        code = _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals)
+    return signals.exit_code or code
+
+
+def _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals) -> int:
+    from contextlib import ExitStack
+
+    from tqdm import tqdm
+
+    from .overlay import Painter
+    from .sinks import JsonLines, MaskDir
+    from .sources import VideoSource
+    from .video import VideoOutputs, VideoPipeline, VideoSettings
+
+    batch = opts.batch or (4 if segmenter.device.type == "cuda" and kind == "video" else 1)
+    with ExitStack() as stack:
+        source = stack.enter_context(VideoSource(spec, reconnect=opts.reconnect, stop=stop))
+        info = source.info
+        writer = window = None
+        if out is not None:
+            from .videowriter import VideoWriter
+
+            writer = stack.enter_context(
+                VideoWriter(
+                    out,
+                    width=info.width,
+                    height=info.height,
+                    fps=info.fps,
+                    audio_from=Path(spec) if kind == "video" else None,
+                    overwrite=opts.overwrite,
+                )
+            )
+        if show:
+            from .window import Window
+
+            window = stack.enter_context(Window(f"streamseg - {info.name}"))
+        stats = stack.enter_context(JsonLines(Path(opts.stats), overwrite=opts.overwrite)) if opts.stats else None
+        masks = MaskDir(Path(opts.save_masks), overwrite=opts.overwrite) if opts.save_masks else None
+        outputs = VideoOutputs(
+            writer=writer,
+            window=window,
+            masks=masks,
+            stats=stats,
+            snapshot_dir=out.parent if out is not None else Path("."),
+        )
+        settings = VideoSettings(stride=opts.stride, batch=batch, alpha=opts.alpha, legend=opts.legend)
+        painter = Painter(selected=segmenter.selected, palette=segmenter.palette, alpha=opts.alpha)
+        log.info(
+            "%s: %dx%d @ %.3f fps, %s frames; model %s on %s",
+            info.name, info.width, info.height, info.fps,
+            info.frame_count if info.frame_count is not None else "live", segmenter.model.name, segmenter.device,
+        )
+        bar = None
+        on_frame = None
+        if info.live:
+            on_frame = _LiveLog().tick
+        elif not opts.quiet:
+            bar = stack.enter_context(tqdm(total=info.frame_count, unit="frame", dynamic_ncols=True, leave=True))
+            on_frame = lambda _index: bar.update(1)  # noqa: E731
+        pipeline = VideoPipeline(source, segmenter, outputs, settings, painter=painter, stop=stop, on_frame=on_frame)
+        signals.flowing = True
+        report = pipeline.run()
+    # Leaving the ExitStack finalised the video and the stats file.
+    if not opts.quiet:
+        if out is not None:
+            print(f"wrote {out}: {report.frames_written} frames ({writer.codec}), {report.frames_segmented} segmented")
+        else:
+            print(f"{report.frames_read} frames read, {report.frames_segmented} segmented")
+    if report.frames_dropped and info.live:
+        log.info("%d live frames were replaced by newer ones before they could be shown", report.frames_dropped)
+    return 0
+
+
+class _LiveLog:
+    """A log line every few seconds for live sources (the window title shows FPS too)."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.every_s = every_s
+        self.t0 = self.last = time.monotonic()
+        self.n = 0
+
+    def tick(self, index: int) -> None:
+        self.n += 1
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            log.info("frame %d, %.1f fps shown", index, self.n / (now - self.t0))
+            self.last = now

@@ -1,0 +1,449 @@
+"""The video pipeline: capture thread -> segmenting thread -> output stage, joined by bounded queues.
+
+Part of the pipeline layer (with `pipeline.py` for still images): it alone knows the order of the
+stages and owns their threads. The output stage runs in the caller's thread because OpenCV's
+window functions must stay on one thread (Qt wants the main one).
+
+Two policies:
+
+- files: every frame, in order. The capture thread never gets more than a few frames ahead
+  (bounded queue), so memory does not grow with the video's length.
+- live sources (cameras, streams): latest frame wins. The capture thread keeps reading at the
+  source's rate and overwrites a one-frame slot; the model takes the newest frame when it is
+  free; the output shows the newest frame with the most recent mask. Nothing queues up, so
+  the preview never lags further and further behind.
+
+Failure in any stage sets the shared stop event; every blocking put/get wakes on it, so no
+stage waits forever on a dead neighbour. The first error is re-raised in the caller's thread
+after all threads have been joined.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+import cv2
+import numpy as np
+
+from .overlay import Painter, draw_legend
+from .pipeline import class_record
+from .sinks import JsonLines, MaskDir, write_png
+from .sources import VideoSource
+from .types import Frame, Segmentation
+
+log = logging.getLogger(__name__)
+
+_END = object()  # sentinel: no more items
+_POLL_S = 0.1  # how often a blocked put/get looks at the stop event
+
+
+class _Labeller(Protocol):
+    def segment_batch(self, frames: list[Frame]) -> list[Segmentation]: ...
+
+
+class _Display(Protocol):
+    def show(self, image: np.ndarray, *, fps: Optional[float] = None) -> Optional[str]: ...
+    def wait_key(self, delay_ms: int) -> Optional[str]: ...
+
+
+class _Writer(Protocol):
+    width: int
+    height: int
+    frames_written: int
+
+    def write(self, image: np.ndarray) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class VideoOutputs:
+    """Where results go; any of them may be absent."""
+
+    writer: Optional[_Writer] = None
+    window: Optional[_Display] = None
+    masks: Optional[MaskDir] = None
+    stats: Optional[JsonLines] = None
+    snapshot_dir: Path = Path(".")
+
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether frames that are not segmented must still be decoded (to be written or shown)."""
+        return self.writer is not None or self.window is not None
+
+
+@dataclass(frozen=True, slots=True)
+class VideoSettings:
+    stride: int = 1
+    batch: int = 1
+    alpha: float = 0.5
+    legend: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VideoReport:
+    """What a run did. `ended` is 'end' (input finished), 'quit' (key) or 'stopped' (stop event)."""
+
+    frames_read: int
+    frames_segmented: int
+    frames_written: int
+    frames_dropped: int
+    ended: str
+    elapsed_s: float
+
+
+@dataclass(slots=True)
+class _Item:
+    frame: Optional[Frame]  # None for a frame skipped without decoding
+    index: int
+    labels: Optional[np.ndarray] = None  # set on segmented frames
+    seg: Optional[Segmentation] = None
+
+
+class _Slot:
+    """A one-item mailbox: put() replaces what is there (latest-frame policy)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item = None
+        self._version = 0
+        self._closed = False
+
+    def put(self, item) -> None:
+        with self._cond:
+            self._item = item
+            self._version += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def get_newer(self, version: int, stop: threading.Event):
+        """(version, item) newer than `version`; None once closed (and drained) or stopped."""
+        with self._cond:
+            while self._version <= version:
+                if self._closed or stop.is_set():
+                    return None
+                self._cond.wait(_POLL_S)
+            return self._version, self._item
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while True:
+        try:
+            return q.get(timeout=_POLL_S)
+        except queue.Empty:
+            if stop.is_set():
+                return _END
+
+
+class VideoPipeline:
+    """Runs one source through the segmenter into the outputs.
+
+    >>> with VideoSource("clip.mp4") as src:                                   # doctest: +SKIP
+    ...     report = VideoPipeline(src, segmenter, VideoOutputs(writer=w)).run()
+    """
+
+    def __init__(
+        self,
+        source: VideoSource,
+        segmenter: _Labeller,
+        outputs: VideoOutputs,
+        settings: VideoSettings = VideoSettings(),
+        *,
+        painter: Painter,
+        stop: Optional[threading.Event] = None,
+        on_frame: Optional[Callable[[int], None]] = None,
+    ):
+        self.source = source
+        self.segmenter = segmenter
+        self.outputs = outputs
+        self.settings = settings
+        self.painter = painter
+        self.stop = stop or threading.Event()
+        self.on_frame = on_frame
+        self.live = source.info.live
+        self._errors: list[BaseException] = []
+        self._read = 0
+        self._segmented = 0
+        self._dropped = 0
+        self._ended = "end"
+
+    # -- threads ---------------------------------------------------------------------------
+
+    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # handed to the caller's thread, never swallowed
+                self._errors.append(exc)
+                self.stop.set()
+
+        return run
+
+    def _capture_file(self, out: queue.Queue) -> None:
+        stride = self.settings.stride
+        decode_all = self.outputs.needs_pixels
+        try:
+            while not self.stop.is_set():
+                index = self._read
+                if decode_all or index % stride == 0:
+                    frame = self.source.read()
+                    if frame is None:
+                        break
+                    item = _Item(frame=frame, index=frame.index)
+                else:
+                    # grab() skips the colour conversion of a frame nobody will look at.
+                    skipped = self.source.grab()
+                    if skipped is None:
+                        break
+                    item = _Item(frame=None, index=skipped)
+                self._read += 1
+                if not _put(out, item, self.stop):
+                    return
+        finally:
+            _put(out, _END, self.stop)
+
+    def _segment_file(self, inq: queue.Queue, out: queue.Queue) -> None:
+        stride, batch = self.settings.stride, self.settings.batch
+        pending: list[_Item] = []
+        todo: list[_Item] = []
+
+        def flush() -> bool:
+            if todo:
+                segs = self.segmenter.segment_batch([it.frame for it in todo])
+                for it, seg in zip(todo, segs):
+                    it.labels, it.seg = seg.labels, seg
+                self._segmented += len(todo)
+                todo.clear()
+            for it in pending:
+                if not _put(out, it, self.stop):
+                    return False
+            pending.clear()
+            return True
+
+        try:
+            while True:
+                item = _get(inq, self.stop)
+                if item is _END:
+                    flush()
+                    return
+                pending.append(item)
+                if item.frame is not None and item.index % stride == 0:
+                    todo.append(item)
+                    if len(todo) >= batch and not flush():
+                        return
+                elif not todo and not flush():
+                    # Nothing waits for the model: pass the frame on at once.
+                    return
+        finally:
+            _put(out, _END, self.stop)
+
+    def _capture_live(self, for_model: _Slot, for_output: _Slot) -> None:
+        try:
+            while not self.stop.is_set():
+                frame = self.source.read()
+                if frame is None:
+                    break
+                self._read += 1
+                for_model.put(frame)
+                for_output.put(frame)
+        finally:
+            for_model.close()
+            for_output.close()
+
+    def _segment_live(self, frames: _Slot, masks: _Slot) -> None:
+        stride = self.settings.stride
+        version, last_index = 0, -stride
+        try:
+            while True:
+                got = frames.get_newer(version, self.stop)
+                if got is None:
+                    return
+                version, frame = got
+                if frame.index - last_index < stride:
+                    continue
+                last_index = frame.index
+                seg = self.segmenter.segment_batch([frame])[0]
+                self._segmented += 1
+                masks.put(seg)
+        finally:
+            masks.close()
+
+    # -- output stage (caller's thread) -----------------------------------------------------
+
+    def run(self) -> VideoReport:
+        start = time.monotonic()
+        threads: list[threading.Thread] = []
+        try:
+            if self.live:
+                frames, for_output, masks = _Slot(), _Slot(), _Slot()
+                threads = [
+                    threading.Thread(target=self._guard(lambda: self._capture_live(frames, for_output)), name="streamseg-capture", daemon=True),
+                    threading.Thread(target=self._guard(lambda: self._segment_live(frames, masks)), name="streamseg-segment", daemon=True),
+                ]
+                for t in threads:
+                    t.start()
+                self._output_live(for_output, masks)
+            else:
+                depth = max(4, 2 * self.settings.batch)
+                raw: queue.Queue = queue.Queue(maxsize=depth * self.settings.stride)
+                done: queue.Queue = queue.Queue(maxsize=depth * self.settings.stride)
+                threads = [
+                    threading.Thread(target=self._guard(lambda: self._capture_file(raw)), name="streamseg-capture", daemon=True),
+                    threading.Thread(target=self._guard(lambda: self._segment_file(raw, done)), name="streamseg-segment", daemon=True),
+                ]
+                for t in threads:
+                    t.start()
+                self._output_file(done)
+        except BaseException as exc:
+            self._errors.insert(0, exc)
+        finally:
+            self.stop.set()
+            # Closing the source wakes a capture thread blocked in a read or a reconnect wait.
+            self.source.close()
+            for t in threads:
+                t.join(timeout=30)
+                if t.is_alive():  # pragma: no cover - a read stuck inside OpenCV past its timeout
+                    log.warning("thread %s did not stop within 30 s", t.name)
+        if self._errors:
+            raise self._errors[0]
+        writer = self.outputs.writer
+        return VideoReport(
+            frames_read=self._read,
+            frames_segmented=self._segmented,
+            frames_written=writer.frames_written if writer is not None else 0,
+            frames_dropped=self._dropped,
+            ended=self._ended,
+            elapsed_s=time.monotonic() - start,
+        )
+
+    def _output_file(self, done: queue.Queue) -> None:
+        last: Optional[np.ndarray] = None
+        shown = _Rate()
+        while True:
+            item = _get(done, self.stop)
+            if item is _END:
+                if self.stop.is_set() and not self._errors:
+                    self._ended = "stopped" if self._ended == "end" else self._ended
+                return
+            if item.seg is not None:
+                last = item.labels
+                self._record(item.seg)
+            if item.frame is not None and self.outputs.needs_pixels:
+                if self._present(item.frame, last, shown) == "quit":
+                    self._ended = "quit"
+                    self.stop.set()
+                    return
+            if self.on_frame is not None:
+                self.on_frame(item.index)
+
+    def _output_live(self, frames: _Slot, masks: _Slot) -> None:
+        version, mask_version = 0, 0
+        last_index = -1
+        last: Optional[np.ndarray] = None
+        shown = _Rate()
+        while True:
+            got = frames.get_newer(version, self.stop)
+            if got is None:
+                if self.stop.is_set() and not self._errors and self._ended == "end":
+                    self._ended = "stopped"
+                return
+            version, frame = got
+            if last_index >= 0 and frame.index > last_index + 1:
+                self._dropped += frame.index - last_index - 1
+            last_index = frame.index
+            newer = masks.get_newer(mask_version, _SET)
+            if newer is not None:
+                mask_version, seg = newer
+                last = seg.labels
+                self._record(seg)
+            if self.outputs.needs_pixels and self._present(frame, last, shown) == "quit":
+                self._ended = "quit"
+                self.stop.set()
+                return
+            if self.on_frame is not None:
+                self.on_frame(frame.index)
+
+    def _record(self, seg: Segmentation) -> None:
+        if self.outputs.masks is not None:
+            self.outputs.masks.write(seg.frame.index, seg.labels)
+        if self.outputs.stats is not None:
+            self.outputs.stats.write(
+                {"index": seg.frame.index, "timestamp_s": round(seg.frame.timestamp_s, 6), "classes": class_record(seg)}
+            )
+
+    def _present(self, frame: Frame, labels: Optional[np.ndarray], rate: "_Rate") -> Optional[str]:
+        image = frame.image
+        if labels is not None and labels.shape == image.shape[:2]:
+            overlay = self.painter.blend(image, labels)
+            if self.settings.legend:
+                present = tuple(c for c in self.painter.selected if np.any(labels == c))
+                overlay = draw_legend(overlay, present, self.segmenter.categories, self.painter.palette)
+        else:
+            # Before the first mask (live) or after a resolution change: the frame as it is.
+            overlay = image
+        writer = self.outputs.writer
+        if writer is not None:
+            if overlay.shape[1] != writer.width or overlay.shape[0] != writer.height:
+                overlay = cv2.resize(overlay, (writer.width, writer.height), interpolation=cv2.INTER_AREA)
+            writer.write(overlay)
+        window = self.outputs.window
+        if window is None:
+            return None
+        action = window.show(overlay, fps=rate.tick())
+        while action in ("pause", "snapshot"):
+            if action == "snapshot":
+                path = self.outputs.snapshot_dir / f"streamseg_snapshot_{frame.index:06d}.png"
+                write_png(path, overlay)
+                log.info("saved %s", path)
+                action = None
+                break
+            # Paused: keep the window responsive until space again, q or Esc.
+            action = window.wait_key(50)
+            while action is None and not self.stop.is_set():
+                action = window.wait_key(50)
+            if action == "pause":
+                action = None
+                break
+        return action
+
+
+class _AlwaysSet:
+    def is_set(self) -> bool:
+        return True
+
+
+_SET = _AlwaysSet()  # makes _Slot.get_newer a non-blocking poll
+
+
+class _Rate:
+    """Frames per second over the last second or so, for the window title."""
+
+    def __init__(self) -> None:
+        self._t0 = time.monotonic()
+        self._n = 0
+        self.fps: Optional[float] = None
+
+    def tick(self) -> Optional[float]:
+        self._n += 1
+        now = time.monotonic()
+        if now - self._t0 >= 1.0:
+            self.fps = self._n / (now - self._t0)
+            self._t0, self._n = now, 0
+        return self.fps
