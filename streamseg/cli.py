@@ -157,7 +157,11 @@ def _run_images(opts: Options, paths) -> int:
                 continue
             seg = result.segmentation
             h, w = seg.labels.shape
-            parts = [f"{seg.categories[c]} {seg.count(c):,} px ({100 * seg.share(c):.2f} %)" for c in seg.selected]
+            # With many classes selected (vehicles, all), list those present; else all asked for.
+            listed = seg.selected if len(seg.selected) <= 3 else seg.present
+            parts = [f"{seg.categories[c]} {seg.count(c):,} px ({100 * seg.share(c):.2f} %)" for c in listed]
+            if not parts:
+                parts = ["no selected class found"]
             if not opts.quiet:
                 print(f"{result.path}: {w}x{h}  " + ", ".join(parts))
     finally:
