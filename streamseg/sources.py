@@ -92,10 +92,10 @@ def _redact(url: str) -> str:
         parts = urlsplit(url)
         if parts.password is None:
             return url
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+        # Split the netloc by hand rather than rebuild it from .hostname, which drops IPv6 brackets.
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
     except ValueError:  # a malformed port or netloc: keep the scheme only rather than guess
         return url.split(":", 1)[0] + "://***"
 
@@ -422,7 +422,9 @@ class VideoSource:
     # -- reading --------------------------------------------------------------------------
 
     def _finished(self) -> bool:
-        return self._closed or self._ended or self._stop.is_set()
+        # No capture and nothing pending: a reconnect was cut short by stop/close; nothing to read from.
+        no_input = self._cap is None and self._pending is None
+        return self._closed or self._ended or no_input or self._stop.is_set()
 
     def _take_index(self) -> int:
         index = self._next_index
@@ -449,14 +451,14 @@ class VideoSource:
             return False
         if self._closing or self._stop.is_set():
             return False
-        if self._max_attempts == 0:
-            raise SourceError(f"{self._label} dropped ({reason}) and reconnecting is disabled")
         self._release()
         try:
+            if self._max_attempts == 0:
+                raise SourceError(f"{self._label} dropped ({reason}) and reconnecting is disabled")
             if not self._retry(f"{self._label} dropped ({reason})"):
                 return False
         except SourceError:
-            self._ended = True  # nothing left to read from; later calls return None
+            self._ended = True  # the capture is gone: later calls return None instead of failing again
             raise
         height, width = self._pending[0].shape[:2]
         if (width, height) != (self.info.width, self.info.height):

@@ -315,7 +315,8 @@ class VideoPipeline:
             self._errors.insert(0, exc)
         finally:
             self.stop.set()
-            # Closing the source wakes a capture thread blocked in a read or a reconnect wait.
+            # Closing the source ends a reconnect wait at once; a read already inside OpenCV
+            # returns within the source's read timeout.
             self.source.close()
             for t in threads:
                 t.join(timeout=30)
