@@ -1,6 +1,7 @@
 """argv -> config -> pipeline. The only place that prints, sets up logging and picks exit codes.
 
-Exit status: 0 success, 1 runtime error, 2 usage error, 130 interrupted by Ctrl-C.
+Exit status: 0 success, 1 runtime error, 2 usage error, 130 interrupted by Ctrl-C (SIGINT),
+143 stopped by SIGTERM.
 """
 from __future__ import annotations
 
@@ -167,7 +168,7 @@ def _run_images(opts: Options, paths) -> int:
     finally:
         if stats is not None:
             stats.close()
-    if not opts.quiet:
+    if not opts.quiet and failures < len(paths):
         print(f"wrote {3 * (len(paths) - failures)} files to {out_dir}/")
     return 1 if failures else 0
 
@@ -258,8 +259,16 @@ def _run_video(opts: Options, kind: str) -> int:
 
     stop = threading.Event()
     with _Signals(stop) as signals:
-        segmenter = _segmenter(opts)
-        code = _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals)
+        try:
+            segmenter = _segmenter(opts)
+            code = _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals)
+        except KeyboardInterrupt:
+            # A signal before frames flowed (or a second one): stop at once. SIGTERM keeps its own
+            # exit status (143), as after frames flowed; SIGINT goes on to main()'s 130.
+            if signals.received != signal.SIGTERM:
+                raise
+            print("streamseg: terminated", file=sys.stderr)
+            return signals.exit_code
     return signals.exit_code or code
 
 
@@ -323,7 +332,7 @@ def _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals) -> in
         report = pipeline.run()
     # Leaving the ExitStack finalised the video and the stats file.
     if not opts.quiet:
-        if out is not None:
+        if out is not None and report.frames_written:
             print(f"wrote {out}: {report.frames_written} frames ({writer.codec}), {report.frames_segmented} segmented")
         else:
             print(f"{report.frames_read} frames read, {report.frames_segmented} segmented")
@@ -337,12 +346,13 @@ class _LiveLog:
 
     def __init__(self, every_s: float = 5.0):
         self.every_s = every_s
-        self.t0 = self.last = time.monotonic()
+        self.last = time.monotonic()
         self.n = 0
 
     def tick(self, index: int) -> None:
         self.n += 1
         now = time.monotonic()
         if now - self.last >= self.every_s:
-            log.info("frame %d, %.1f fps shown", index, self.n / (now - self.t0))
-            self.last = now
+            # The rate since the previous line, not since the start: a stall or a reconnect shows.
+            log.info("frame %d, %.1f fps shown", index, self.n / (now - self.last))
+            self.last, self.n = now, 0

@@ -7,6 +7,7 @@ for it.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import re
@@ -171,7 +172,8 @@ def _download(name: str, builder, weights) -> torch.nn.Module:
     try:
         # torchvision's own path: TORCH_HOME cache, progress bar, hash check of the file name's prefix.
         return builder(weights=weights, progress=True)
-    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+    # http.client.HTTPException: a connection dropped mid-download (IncompleteRead) is not an OSError.
+    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, http.client.HTTPException) as exc:
         if (cache / filename).exists():
             raise ModelLoadError(
                 f"cached weights '{cache / filename}' for {name} cannot be loaded ({_short(exc)}); "
@@ -264,6 +266,7 @@ class OnnxModel:
         self.input_name = inp.name
         self.fixed_batch = isinstance(inp.shape[0], int) and inp.shape[0] == 1
         self.categories, self.spec = _onnx_spec(path, meta, inp.shape, input_size, mean, std, categories)
+        _check_onnx_shapes(path, inp.shape, self.session.get_outputs()[0].shape, self.spec, self.categories)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, h, w) normalised input -> (N, h, w) uint8 class ids (CPU tensor)."""
@@ -302,3 +305,19 @@ def _onnx_spec(path, meta, shape, input_size, mean, std, categories):
     if missing:
         raise ModelLoadError(f"ONNX model '{path}' lacks preprocessing metadata: {', '.join(missing)}; pass the flags")
     return tuple(categories), InputSpec(size=size, mean=tuple(mean), std=tuple(std))
+
+
+def _check_onnx_shapes(path, in_shape, out_shape, spec: InputSpec, categories) -> None:
+    """Catch at load time what would otherwise fail deep inside onnxruntime, or silently mislabel."""
+    if len(in_shape) == 4 and all(isinstance(d, int) for d in in_shape[2:]):
+        static = (int(in_shape[3]), int(in_shape[2]))
+        if spec.size != static:
+            asked = f"{spec.size[0]}x{spec.size[1]}" if isinstance(spec.size, tuple) else str(spec.size)
+            raise ModelLoadError(
+                f"ONNX model '{path}' takes a fixed {static[0]}x{static[1]} input; input size {asked} does not fit"
+            )
+    # One name per output channel: otherwise class ids and names disagree without a word.
+    if len(out_shape) == 4 and isinstance(out_shape[1], int) and out_shape[1] != len(categories):
+        raise ModelLoadError(
+            f"ONNX model '{path}' outputs {out_shape[1]} classes but has {len(categories)} category names"
+        )

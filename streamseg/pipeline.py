@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from .overlay import Painter, draw_legend
-from .sinks import JsonLines, check_target, ensure_dir, write_png
+from .sinks import JsonLines, check_dir, check_target, ensure_dir, write_png
 from .sources import read_image
 from .segmenter import Segmenter
 from .types import Segmentation, SourceError
@@ -44,7 +44,7 @@ def class_record(seg: Segmentation) -> dict:
 
 def check_image_targets(paths: Sequence[Path], out_dir: Path, *, overwrite: bool) -> None:
     """Fail before any work when an output would clobber an existing file or an input."""
-    ensure_dir(out_dir)
+    check_dir(out_dir)
     stems: dict[str, Path] = {}
     for p in paths:
         if p.stem in stems and stems[p.stem] != p:
@@ -74,6 +74,7 @@ def run_images(
         except SourceError as exc:
             yield ImageResult(path=path, error=str(exc))
             continue
+        ensure_dir(out_dir)  # created on first use: a failed run leaves no empty directory
         seg = segmenter(image)
         overlay = painter.blend(image, seg.labels)
         if legend:

@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import IO, Iterator, Optional
 
@@ -20,6 +21,22 @@ import numpy as np
 from .types import SinkError
 
 log = logging.getLogger(__name__)
+
+
+def check_dir(path: Path) -> None:
+    """Fail early, creating nothing, when `path` could not become a writable output directory:
+    it is a file, or it (or, if missing, its nearest existing parent) cannot be written."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SinkError(f"output directory '{path}' is a file" if probe == path else f"cannot create output directory '{path}': '{probe}' is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SinkError(f"cannot write to output directory '{path}': permission denied")
+    if probe == path:
+        ensure_dir(path)  # exists already: the probe file catches read-only mounts and root
 
 
 def ensure_dir(path: Path) -> Path:
@@ -52,6 +69,15 @@ def check_target(path: Path, *, overwrite: bool, inputs: tuple[Path, ...] = ()) 
         raise SinkError(f"output '{path}' exists; pass --overwrite to replace it")
 
 
+@lru_cache(maxsize=1)
+def _file_mode() -> int:
+    """The mode a plain open() gives a new file (0o666 less the umask). mkstemp's temporary files
+    are 0o600, which would leave outputs unreadable to everyone but their owner once renamed."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_path(path: Path, *, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it to `path` when the block succeeds, remove
@@ -61,6 +87,7 @@ def atomic_path(path: Path, *, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _file_mode())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -91,6 +118,7 @@ class JsonLines:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent or ".")
         self._tmp = Path(tmp)
         self._file: Optional[IO[str]] = os.fdopen(fd, "w", encoding="utf-8")
+        os.chmod(self._tmp, _file_mode())
 
     def write(self, record: dict) -> None:
         if self._file is None:

@@ -281,6 +281,9 @@ class VideoPipeline:
                 last_index = frame.index
                 seg = self.segmenter.segment_batch([frame])[0]
                 self._segmented += 1
+                # Recorded here, not by the output stage: it only sees the newest mask, and
+                # --stats/--save-masks promise a line and a file for every segmented frame.
+                self._record(seg)
                 masks.put(seg)
         finally:
             masks.close()
@@ -373,7 +376,6 @@ class VideoPipeline:
             if newer is not None:
                 mask_version, seg = newer
                 last = seg.labels
-                self._record(seg)
             if self.outputs.needs_pixels and self._present(frame, last, shown) == "quit":
                 self._ended = "quit"
                 self.stop.set()

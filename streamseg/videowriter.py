@@ -1,0 +1,467 @@
+"""MP4 output that browsers play: H.264 through PyAV, with the source's audio copied through.
+
+    with VideoWriter(Path("out.mp4"), width=640, height=360, fps=30000 / 1001, audio_from=src) as w:
+        for image in images:      # (360, 640, 3) uint8 BGR
+            w.write(image)
+
+Policy, in one place:
+
+* The file is written under a hidden temporary name next to `path` (``.out.mp4.<random>.part.mp4``) and
+  renamed over `path` only by close(), so a crash never leaves a half-written file under the real name.
+* H.264 (libx264), yuv420p, BT.709 limited range, ``movflags=+faststart`` so the index (moov) sits in
+  front of the data and a browser can start playing before the download ends.
+* Timing is exact: fps becomes a fraction (29.97002997 -> 30000/1001, 25.0 -> 25) and frame n gets
+  pts n in time base 1/fps, so the output has the source's frame count and duration.
+* Odd sizes: H.264 4:2:0 cannot describe an odd width or height (its cropping window counts in
+  2-pixel units), so an odd frame is padded right/bottom by one replicated pixel: 641x361 -> 642x362.
+* Audio from `audio_from` is remuxed packet by packet (never re-encoded), interleaved with the video as
+  frames arrive. If fewer frames are written than the source holds, the audio stops at the video's
+  end. An audio codec MP4 cannot hold is dropped with one warning.
+* If libx264 cannot be opened (PyAV missing, encoder not built in), or ``STREAMSEG_FORCE_MP4V=1`` is set,
+  OpenCV writes MPEG-4 Part 2 ('mp4v') instead, video only, with one warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import numbers
+import os
+import secrets
+import weakref
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Iterator, Optional
+
+import cv2
+import numpy as np
+
+from .types import SinkError
+
+log = logging.getLogger(__name__)
+
+#: Set to 1 to skip libx264 and write with OpenCV's 'mp4v' (for tests and broken PyAV installs).
+FORCE_MP4V_ENV = "STREAMSEG_FORCE_MP4V"
+
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+                "veryslow", "placebo")
+
+
+def exact_rate(fps: float) -> Fraction:
+    """fps as the fraction a container can hold exactly: 29.97002997 -> 30000/1001, 25.0 -> 25."""
+    if isinstance(fps, bool) or not (isinstance(fps, numbers.Real) and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    rate = Fraction(fps).limit_denominator(1001)
+    if rate <= 0:  # an fps below 1/1001 rounds to zero
+        raise ValueError(f"fps {fps!r} is too small to write")
+    return rate
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+class _AudioCopy:
+    """Remuxes the audio packets of one source file into an output stream, in time order."""
+
+    def __init__(self, source: Any, in_stream: Any, out_stream: Any, video_start_s: Fraction,
+                 video_duration_s: Optional[Fraction]) -> None:
+        self._source = source
+        self._in = in_stream
+        self._out = out_stream
+        self._tb: Fraction = in_stream.time_base
+        # The output video starts at the source video's first frame; audio keeps its offset to it.
+        self._shift = round(video_start_s / self._tb)
+        self.video_duration_s = video_duration_s
+        self._packets: Iterator[Any] = source.demux(in_stream)
+        self._pending: Any = None
+        self._done = False
+
+    def _next(self) -> Any:
+        if self._pending is None and not self._done:
+            for packet in self._packets:
+                if packet.size == 0:  # demux ends with an empty flush packet: nothing to copy
+                    continue
+                if packet.pts is None and packet.dts is None:
+                    continue  # cannot be placed in time; a decoder would drop it too
+                self._pending = packet
+                break
+            else:
+                self._done = True
+        return self._pending
+
+    def copy_until(self, container: Any, end_s: Optional[Fraction]) -> None:
+        """Mux every packet that starts before `end_s` (seconds of output time; None: all of them)."""
+        while (packet := self._next()) is not None:
+            start = packet.pts if packet.pts is not None else packet.dts
+            # Compare the packet's middle: whole packets only (no re-encode), so the audio ends
+            # within half a packet (about 10 ms for AAC) of the cut.
+            middle = start - self._shift + (packet.duration or 0) / 2
+            if end_s is not None and middle * self._tb >= end_s:
+                return
+            self._pending = None
+            if packet.pts is not None:
+                packet.pts -= self._shift
+            if packet.dts is not None:
+                packet.dts -= self._shift
+            packet.stream = self._out
+            container.mux(packet)
+
+    def close(self) -> None:
+        self._source.close()
+
+
+class _H264Output:
+    """libx264 through PyAV into an MP4 container, plus optional audio copy."""
+
+    codec = "h264"
+
+    def __init__(self, tmp: Path, *, width: int, height: int, rate: Fraction, crf: int, preset: str,
+                 audio_from: Optional[Path], threads: int) -> None:
+        import av  # deferred: an ImportError here selects the OpenCV fallback
+        from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace
+
+        self._av = av
+        self._tmp = tmp
+        self._time_base = 1 / rate
+        self._audio: Optional[_AudioCopy] = None
+        # BT.709 limited range, converted by write() and tagged on the stream by _start().
+        self._colour = dict(colorspace=Colorspace.ITU709, color_range=ColorRange.MPEG,
+                            color_primaries=ColorPrimaries.BT709, color_trc=ColorTrc.BT709)
+        self._convert = dict(format="yuv420p", **{"dst_" + k: v for k, v in self._colour.items()})
+        settings = dict(width=width, height=height, rate=rate, crf=crf, preset=preset, threads=threads)
+        try:
+            self._start(audio_from, **settings)
+        except av.FFmpegError as error:
+            if self._audio is None:
+                raise
+            # The muxer refused the audio stream when writing the header (a codec it lists but
+            # cannot hold after all): the video matters more, so start again without audio.
+            log.warning("cannot copy the audio of %s into MP4 (%s); writing video only", audio_from, error)
+            self.drop()
+            self._start(None, **settings)
+
+    def _start(self, audio_from: Optional[Path], *, width: int, height: int, rate: Fraction, crf: int,
+               preset: str, threads: int) -> None:
+        self._container = self._av.open(str(self._tmp), mode="w", format="mp4",
+                                        container_options={"movflags": "+faststart"})
+        try:
+            stream = self._container.add_stream("libx264", rate=rate)
+            stream.width = width
+            stream.height = height
+            stream.pix_fmt = "yuv420p"
+            stream.time_base = self._time_base  # a hint; the muxer may pick a finer one
+            ctx = stream.codec_context
+            ctx.time_base = self._time_base
+            ctx.thread_count = threads
+            ctx.options = {"crf": str(crf), "preset": preset}
+            # Tag exactly what write() converts to, so players don't guess between BT.601 and BT.709.
+            for name, value in self._colour.items():
+                setattr(ctx, name, value)
+            self._video = stream
+            if audio_from is not None:
+                self._audio = self._open_audio(audio_from)
+            self._container.start_encoding()  # opens libx264 and writes the header now, not on frame 1
+        except BaseException:
+            self.drop()
+            raise
+
+    def _open_audio(self, audio_from: Path) -> Optional[_AudioCopy]:
+        av = self._av
+        try:
+            source = av.open(str(audio_from), mode="r", timeout=10.0)
+        except (av.FFmpegError, OSError) as error:
+            log.warning("cannot read audio from %s (%s); writing video only", audio_from, error)
+            return None
+        try:
+            if not source.streams.audio:
+                log.debug("%s has no audio stream; writing video only", audio_from)
+                source.close()
+                return None
+            in_stream = source.streams.audio[0]
+            name = in_stream.codec_context.name
+            if name not in self._container.supported_codecs:
+                log.warning("audio codec %r of %s cannot go into MP4; writing video only", name, audio_from)
+                source.close()
+                return None
+            out_stream = self._container.add_stream_from_template(in_stream)
+            video_start_s = Fraction(0)
+            video_duration_s: Optional[Fraction] = None
+            if source.streams.video:
+                vs = source.streams.video[0]
+                if vs.start_time is not None:
+                    video_start_s = vs.start_time * vs.time_base
+                if vs.duration:
+                    video_duration_s = vs.duration * vs.time_base
+            return _AudioCopy(source, in_stream, out_stream, video_start_s, video_duration_s)
+        except BaseException:
+            source.close()
+            raise
+
+    def write(self, image: np.ndarray, index: int) -> None:
+        frame = self._av.VideoFrame.from_ndarray(image, format="bgr24").reformat(**self._convert)
+        frame.pts = index
+        frame.time_base = self._time_base
+        frame.duration = 1  # lets the muxer give the last frame its full length
+        for packet in self._video.encode(frame):
+            self._container.mux(packet)
+        if self._audio is not None:
+            self._audio.copy_until(self._container, (index + 1) * self._time_base)
+
+    def finish(self, frames_written: int) -> None:
+        """Flush the encoder, copy the remaining audio, and write the index (moov) to the front."""
+        for packet in self._video.encode(None):
+            self._container.mux(packet)
+        if self._audio is not None:
+            end_s: Optional[Fraction] = frames_written * self._time_base
+            full = self._audio.video_duration_s
+            # The whole source went through: keep its whole audio, even a tail slightly past the
+            # last frame. A run stopped early: cut, so there is no audio over a frozen frame.
+            if full is not None and end_s >= full - self._time_base / 2:
+                end_s = None
+            self._audio.copy_until(self._container, end_s)
+        self._container.close()
+        self.drop()
+
+    def drop(self) -> None:
+        if self._audio is not None:
+            audio, self._audio = self._audio, None
+            audio.close()
+        with contextlib.suppress(self._av.FFmpegError, OSError):
+            self._container.close()  # closing twice is a no-op; after a failed write it may raise again
+
+
+class _Mp4vOutput:
+    """OpenCV's MPEG-4 Part 2 writer: plays in desktop players, not reliably in browsers."""
+
+    codec = "mp4v"
+
+    def __init__(self, tmp: Path, *, width: int, height: int, rate: Fraction) -> None:
+        self._writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(rate), (width, height))
+        if not self._writer.isOpened():
+            raise SinkError(f"OpenCV cannot open an 'mp4v' writer for {tmp}")
+
+    def write(self, image: np.ndarray, index: int) -> None:
+        self._writer.write(image)
+
+    def finish(self, frames_written: int) -> None:
+        self._writer.release()
+
+    def drop(self) -> None:
+        self._writer.release()
+
+
+class VideoWriter:
+    """Writes (H, W, 3) uint8 BGR frames to an MP4 that browsers play.
+
+    H.264 (libx264 via PyAV), yuv420p, moov atom at the front (movflags=+faststart), exact source
+    timing, and the source's audio copied through. See the module docstring for the policy on odd
+    sizes, audio and the 'mp4v' fallback.
+
+    Leaving a ``with`` block always calls close(), whatever ended it: on a normal exit, on
+    KeyboardInterrupt/SystemExit (Ctrl+C keeps the video so far), and on any other exception too,
+    because every frame already written is finished work that a playable partial file preserves.
+    Call abort() yourself to discard the output instead.
+
+    Args:
+        path: where the finished file goes; its directory must exist.
+        width, height: size of the frames passed to write(); odd sizes are padded (see module doc).
+        fps: frames per second of the source, e.g. 30000/1001.
+        audio_from: a file whose first audio stream is copied into the output, or None.
+        overwrite: replace an existing `path`; otherwise its existence is a SinkError.
+        crf, preset: libx264 quality (0..51, lower is better) and speed.
+        force_mp4v: skip libx264 and use OpenCV's 'mp4v' writer (also: env STREAMSEG_FORCE_MP4V=1).
+
+    Raises:
+        SinkError: `path` exists (without overwrite), is a directory, or its directory is missing or
+            not writable; or a frame cannot be written (disk full).
+        ValueError: a bad size, fps, crf or preset.
+    """
+
+    frames_written: int
+    codec: str
+
+    def __init__(self, path: Path, *, width: int, height: int, fps: float,
+                 audio_from: Optional[Path] = None, overwrite: bool = False, crf: int = 20,
+                 preset: str = "veryfast", force_mp4v: bool = False) -> None:
+        for name, value in (("width", width), ("height", height)):
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(crf, (int, np.integer)) and 0 <= crf <= 51):
+            raise ValueError(f"crf must be an integer in 0..51, got {crf!r}")
+        if preset not in X264_PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(X264_PRESETS)}; got {preset!r}")
+        self.path = Path(path)
+        self.width = int(width)
+        self.height = int(height)
+        self.rate = exact_rate(fps)
+        # H.264 4:2:0 needs even sizes; padding by one pixel beats cropping or scaling the picture.
+        self.output_size = (self.width + self.width % 2, self.height + self.height % 2)
+        self.frames_written = 0
+        self._overwrite = overwrite
+        self._closed = False
+        self._failed: Optional[BaseException] = None
+
+        self._tmp = self._create_temp()
+        # Removes the temporary file if the writer is dropped without close() or abort().
+        self._cleanup = weakref.finalize(self, _remove, self._tmp)
+        try:
+            self._out = self._open(audio_from, crf, preset, force_mp4v)
+        except BaseException:
+            self._cleanup()
+            raise
+        self.codec = self._out.codec
+
+    def _create_temp(self) -> Path:
+        path = self.path
+        if path.is_dir():
+            raise SinkError(f"output {path} is a directory; give a file name such as {path / 'out.mp4'}")
+        if (path.exists() or path.is_symlink()) and not self._overwrite:
+            raise SinkError(f"output {path} exists; pass --overwrite to replace it")
+        parent = path.parent
+        if not parent.is_dir():
+            raise SinkError(f"output directory {parent} does not exist")
+        for _ in range(100):
+            # Ends in .mp4 because OpenCV's fallback writer picks its container from the extension.
+            tmp = parent / f".{path.name}.{secrets.token_hex(4)}.part.mp4"
+            try:
+                # Created here, not by the muxer, so permission problems surface before any encoding;
+                # 0o666 lets the umask decide, as for any other new file.
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                return tmp
+            except FileExistsError:
+                continue
+            except OSError as error:
+                raise SinkError(f"cannot write to output directory {parent}: {error.strerror}") from error
+        raise SinkError(f"cannot find a free temporary file name in {parent}")
+
+    def _open(self, audio_from: Optional[Path], crf: int, preset: str, force_mp4v: bool) -> Any:
+        width, height = self.output_size
+        reason = None
+        if force_mp4v or os.environ.get(FORCE_MP4V_ENV, "") not in ("", "0"):
+            reason = f"forced by {FORCE_MP4V_ENV}" if not force_mp4v else "forced by force_mp4v=True"
+        else:
+            try:
+                import av
+            except ImportError as error:
+                reason = f"PyAV is not installed ({error})"
+            else:
+                threads = max(1, min(4, (os.cpu_count() or 2) // 2))  # leave cores to the model
+                try:
+                    return _H264Output(self._tmp, width=width, height=height, rate=self.rate, crf=crf,
+                                       preset=preset, audio_from=audio_from, threads=threads)
+                except (av.FFmpegError, ValueError) as error:
+                    # ValueError: PyAV's UnknownCodecError when FFmpeg was built without libx264.
+                    reason = f"PyAV cannot open libx264 ({error})"
+        log.warning("%s; writing %s as 'mp4v' with OpenCV instead: it may not play in browsers "
+                    "and carries no audio", reason, self.path)
+        return _Mp4vOutput(self._tmp, width=width, height=height, rate=self.rate)
+
+    def write(self, image: np.ndarray) -> None:
+        """Append one (height, width, 3) uint8 BGR frame; it lasts 1/fps seconds."""
+        if self._closed:
+            raise RuntimeError(f"write() on the closed VideoWriter for {self.path}")
+        if self._failed is not None:
+            raise SinkError(f"cannot write {self.path}: an earlier write failed ({self._failed})")
+        expected = (self.height, self.width, 3)
+        if image.shape != expected or image.dtype != np.uint8:
+            raise ValueError(f"frame must be {expected} uint8 BGR, got {image.shape} {image.dtype}")
+        if self.output_size != (self.width, self.height):
+            image = cv2.copyMakeBorder(image, 0, self.output_size[1] - self.height,
+                                       0, self.output_size[0] - self.width, cv2.BORDER_REPLICATE)
+        else:
+            image = np.ascontiguousarray(image)
+        try:
+            self._out.write(image, self.frames_written)
+        except (OSError, cv2.error) + _av_errors() as error:
+            self._failed = error
+            raise SinkError(f"cannot write {self.path}: {_describe(error)}") from error
+        self.frames_written += 1
+
+    def close(self) -> None:
+        """Finish the file and move it to `path`. Idempotent.
+
+        Without a single frame written there is nothing to play: no file is created, with a warning.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self.frames_written == 0:
+            log.warning("no frames were written; not creating %s", self.path)
+            self._discard()
+            return
+        try:
+            self._out.finish(self.frames_written)
+        except (OSError, cv2.error) + _av_errors() as error:
+            self._discard()
+            raise SinkError(f"cannot finish {self.path}: {_describe(error)}") from error
+        except BaseException:
+            self._discard()
+            raise
+        try:
+            self._publish()
+        finally:
+            self._cleanup()
+        log.info("wrote %s: %d frames at %s fps (%s)", self.path, self.frames_written, self.rate, self.codec)
+
+    def abort(self) -> None:
+        """Drop everything written so far and leave no file behind. Idempotent; a no-op after close()."""
+        if self._closed:
+            return
+        self._closed = True
+        self._discard()
+
+    def _discard(self) -> None:
+        try:
+            self._out.drop()
+        finally:
+            self._cleanup()
+
+    def _publish(self) -> None:
+        try:
+            if self._overwrite:
+                os.replace(self._tmp, self.path)
+                return
+            # A hard link fails if `path` appeared meanwhile, where a rename would silently clobber it.
+            try:
+                os.link(self._tmp, self.path)
+            except FileExistsError:
+                raise SinkError(f"output {self.path} exists; pass --overwrite to replace it") from None
+            except OSError:  # a file system without hard links: check, then rename
+                if self.path.exists():
+                    raise SinkError(f"output {self.path} exists; pass --overwrite to replace it") from None
+                os.replace(self._tmp, self.path)
+        except OSError as error:
+            raise SinkError(f"cannot move the finished video to {self.path}: {error.strerror}") from error
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()  # keep the work done so far, see the class docstring
+        except SinkError as error:
+            # The exception already on its way out says more about what went wrong first.
+            log.error("%s", error)
+
+
+def _describe(error: BaseException) -> str:
+    """An OS error without the temporary file's name, which means nothing to the user."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror + (" (is the disk full?)" if error.errno in (errno.ENOSPC, errno.EFBIG) else "")
+    return str(error)
+
+
+def _av_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import av
+    except ImportError:
+        return ()
+    return (av.FFmpegError,)
