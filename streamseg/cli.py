@@ -19,7 +19,7 @@ from argparse_dataclass import ArgumentParser
 
 from . import __version__
 from .config import ExportOptions, Options, parse_input_size, parse_triple
-from .types import StreamsegError, UsageError
+from .types import SourceError, StreamsegError, UsageError
 
 log = logging.getLogger("streamseg")
 
@@ -78,32 +78,96 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+class _SignalInterrupt(KeyboardInterrupt):
+    """What streamseg's signal handlers raise; every `except KeyboardInterrupt` catches it.
+
+    Not KeyboardInterrupt itself: CPython remembers a KeyboardInterrupt that passes through code
+    run by PyRun_String (as some extension modules do while they are imported) and then ends the
+    process by SIGINT at exit, whatever main() returned. A subclass does not trip that.
+    """
+
+
+class _Interrupts:
+    """SIGINT/SIGTERM for the whole run (video runs refine this with `_Signals`).
+
+    A signal raises KeyboardInterrupt wherever the program is, so `with` blocks and `finally`
+    clauses remove temporary files; SIGTERM's default action would kill the process on the spot
+    and leave them behind. Which signal came is remembered, because library code sometimes turns
+    the KeyboardInterrupt into an error of its own (a C extension half-way through its import
+    reports "ImportError: initialization failed"): main() still reports the interruption.
+
+    SIGXFSZ (a file-size limit, `ulimit -f`, was hit) is ignored, so the write fails with EFBIG
+    and is reported like a full disk instead of killing the process without a word.
+    """
+
+    def __init__(self) -> None:
+        self.raised: Optional[int] = None
+        self._old: dict = {}
+
+    def note(self, signum: int) -> None:
+        self.raised = self.raised or signum
+
+    def _handle(self, signum, _frame) -> None:
+        self.note(signum)
+        raise _SignalInterrupt
+
+    def __enter__(self) -> "_Interrupts":
+        self.raised = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():  # signal.signal() works there only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+            if hasattr(signal, "SIGXFSZ"):
+                self._old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def report(self) -> int:
+        if self.raised == signal.SIGTERM:
+            print("streamseg: terminated", file=sys.stderr)
+            return 128 + int(signal.SIGTERM)
+        print("streamseg: interrupted", file=sys.stderr)
+        return 130
+
+
+_interrupts = _Interrupts()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    try:
-        if argv and argv[0] == "export":
-            return _export(argv[1:])
+    with _interrupts:
         try:
-            opts = build_parser().parse_args(argv)
-        except ValueError as exc:  # Options.__post_init__ validation
-            raise UsageError(str(exc)) from exc
-        _setup_logging(quiet=opts.quiet, debug=opts.debug)
-        return _run(opts)
-    except StreamsegError as exc:
-        if debug:
-            traceback.print_exc()
-        return _fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        print("streamseg: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug, not a user mistake: still one line, traceback with --debug
-        if debug:
-            traceback.print_exc()
-        return _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+            if argv and argv[0] == "export":
+                return _export(argv[1:])
+            try:
+                opts = build_parser().parse_args(argv)
+            except ValueError as exc:  # Options.__post_init__ validation
+                raise UsageError(str(exc)) from exc
+            _setup_logging(quiet=opts.quiet, debug=opts.debug)
+            return _run(opts)
+        except KeyboardInterrupt:
+            return _interrupts.report()
+        except StreamsegError as exc:
+            if _interrupts.raised:  # the interruption, reworded by the code it interrupted
+                return _interrupts.report()
+            if debug:
+                traceback.print_exc()
+            return _fail(str(exc), exc.exit_code)
+        except Exception as exc:  # a bug, not a user mistake: still one line, traceback with --debug
+            if _interrupts.raised:
+                return _interrupts.report()
+            if debug:
+                traceback.print_exc()
+            return _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
 
 
 def _segmenter(opts: Options):
+    log.debug("loading model %s", opts.model)
     from .segmenter import Segmenter
 
     kwargs = {}
@@ -145,6 +209,11 @@ def _run_images(opts: Options, paths) -> int:
     if out_dir.suffix.lower() in (".mp4", ".mkv", ".mov", ".avi"):
         raise UsageError(f"-o for images is a directory, got '{out_dir}'")
     check_image_targets(paths, out_dir, overwrite=opts.overwrite)
+    if opts.stats:  # before the model loads: a bad --stats path should not cost a model load first
+        from .sinks import check_dir, check_target
+
+        check_dir(Path(opts.stats).parent)
+        check_target(Path(opts.stats), overwrite=opts.overwrite, inputs=tuple(paths))
     segmenter = _segmenter(opts)
     stats = JsonLines(Path(opts.stats), overwrite=opts.overwrite, inputs=tuple(paths)) if opts.stats else None
     failures = 0
@@ -216,7 +285,8 @@ class _Signals:
         if self.flowing and first:
             self.stop.set()
             return
-        raise KeyboardInterrupt
+        _interrupts.note(signum)
+        raise _SignalInterrupt
 
     @property
     def exit_code(self) -> Optional[int]:
@@ -239,16 +309,22 @@ def _video_output(opts: Options, kind: str, spec: str) -> Optional[Path]:
 
 
 def _run_video(opts: Options, kind: str) -> int:
-    from .sinks import JsonLines, MaskDir, check_target, ensure_dir
+    from .sinks import check_dir, check_mask_dir, check_target, ensure_dir
 
     spec = opts.sources[0]
     inputs = (Path(spec),) if kind == "video" else ()
+    if kind == "video" and not Path(spec).exists():  # say so before the model loads
+        raise SourceError(f"video '{spec}' does not exist")
     out = _video_output(opts, kind, spec)
     if out is not None:
         ensure_dir(out.parent if str(out.parent) else Path("."))
         check_target(out, overwrite=opts.overwrite, inputs=inputs)
+    # Every output place is checked before the model loads and before a frame is read.
     if opts.stats:
+        check_dir(Path(opts.stats).parent)
         check_target(Path(opts.stats), overwrite=opts.overwrite, inputs=inputs)
+    if opts.save_masks:
+        check_mask_dir(Path(opts.save_masks), overwrite=opts.overwrite)
     show = opts.show or (kind != "video" and out is None and not opts.no_show)
     if show:
         from .window import ensure_display
@@ -332,10 +408,14 @@ def _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals) -> in
         report = pipeline.run()
     # Leaving the ExitStack finalised the video and the stats file.
     if not opts.quiet:
+        skipped = report.frames_skipped
+        corrupt = f", {skipped} corrupt frame{'s' if skipped != 1 else ''} skipped" if skipped else ""
         if out is not None and report.frames_written:
-            print(f"wrote {out}: {report.frames_written} frames ({writer.codec}), {report.frames_segmented} segmented")
+            if skipped:
+                corrupt += " (previous overlay repeated)"
+            print(f"wrote {out}: {report.frames_written} frames ({writer.codec}), {report.frames_segmented} segmented{corrupt}")
         else:
-            print(f"{report.frames_read} frames read, {report.frames_segmented} segmented")
+            print(f"{report.frames_read} frames read, {report.frames_segmented} segmented{corrupt}")
     if report.frames_dropped and info.live:
         log.info("%d live frames were replaced by newer ones before they could be shown", report.frames_dropped)
     return 0

@@ -11,6 +11,7 @@ import http.client
 import logging
 import os
 import re
+import warnings
 import zipfile
 import pickle
 from dataclasses import dataclass
@@ -209,14 +210,33 @@ def load_state_dict(path: str, *, official=None) -> dict:
                 f"{digest[:len(m.group(1))]}, its name says {m.group(1)}"
             )
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols on files it is about to refuse anyway.
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types here (UnpicklingError, RuntimeError, ...)
-        raise ModelLoadError(f"weights file '{path}' cannot be loaded as a state dict: {_short(exc)}") from exc
+        raise ModelLoadError(f"weights file '{path}' cannot be loaded as a state dict: {_load_failure(exc)}") from exc
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # training checkpoints wrap the weights
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"weights file '{path}' does not hold a state dict of tensors")
     return state
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a few words.
+
+    torch's own message opens with advice to retry with weights_only=False, which would run
+    whatever code the file carries: never pass that on.
+    """
+    text = str(exc)
+    if "Weights only load failed" not in text:
+        return _short(exc)
+    found = re.search(r"unsupported GLOBAL (\S+)", text)
+    if found:
+        return (f"it holds a reference to {found.group(1)}, which loading with weights_only refuses "
+                "(a pickle that could run code); only plain tensors load")
+    return "not a PyTorch weights file (or a pickle that loading with weights_only refuses)"
 
 
 def _sha256(path: Path) -> str:

@@ -31,7 +31,7 @@ class Painter:
 
     def colour_mask(self, labels: np.ndarray) -> np.ndarray:
         """(H, W) uint8 labels -> (H, W, 3) uint8 BGR: selected classes in colour on black."""
-        return self.lut[labels]
+        return np.take(self.lut, labels, axis=0)  # faster than self.lut[labels], same result
 
     def selected_mask(self, labels: np.ndarray) -> np.ndarray:
         """(H, W) uint8 labels -> (H, W) uint8, 255 where a selected class is."""
@@ -42,14 +42,20 @@ class Painter:
 
         Selected pixels become (1 - alpha) * frame + alpha * colour; the rest keep the frame.
         """
-        colour = self.lut[labels]
         mask = self.selected_mask(labels)
-        blended = cv2.addWeighted(image, 1.0 - self.alpha, colour, self.alpha, 0.0)
         if out is None:
             out = image.copy()
         elif out is not image:
             np.copyto(out, image)
-        cv2.copyTo(blended, mask, out)
+        # Colour and blend only the box around the selected pixels: the same result, and on a
+        # road scene a small fraction of the frame's work.
+        x, y, w, h = cv2.boundingRect(mask)
+        if w == 0 or h == 0:
+            return out
+        box = (slice(y, y + h), slice(x, x + w))
+        colour = np.take(self.lut, labels[box], axis=0)
+        blended = cv2.addWeighted(image[box], 1.0 - self.alpha, colour, self.alpha, 0.0)
+        cv2.copyTo(blended, mask[box], out[box])
         return out
 
 

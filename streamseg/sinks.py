@@ -6,6 +6,8 @@ Video files and the preview window live in `videowriter.py` and `window.py`.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -13,7 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, Iterator, Optional
+from typing import Iterator, Optional
 
 import cv2
 import numpy as np
@@ -94,6 +96,14 @@ def atomic_path(path: Path, *, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+def _why(exc: OSError) -> str:
+    """An OS error in a few words, with a hint where the disk is full or a file-size limit was hit."""
+    text = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        text += " (is the disk full?)"
+    return text
+
+
 def write_png(path: Path, image: np.ndarray) -> None:
     """Write a (H, W, 3) uint8 BGR or (H, W) uint8 image as PNG, whole or not at all."""
     ok, buf = cv2.imencode(".png", image)
@@ -104,12 +114,16 @@ def write_png(path: Path, image: np.ndarray) -> None:
             with open(tmp, "wb") as f:
                 f.write(buf.tobytes())
     except OSError as exc:
-        raise SinkError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+        raise SinkError(f"cannot write '{path}': {_why(exc)}") from exc
 
 
 class JsonLines:
     """A .jsonl file written line by line; every line is complete, and the file appears under its
-    name when closed (a temporary name until then). Context manager; close() is idempotent."""
+    name when closed (a temporary name until then). Context manager; close() is idempotent.
+
+    A write that fails (a full disk) is cut back to the last complete line and raises SinkError;
+    close() still publishes the lines written before it.
+    """
 
     def __init__(self, path: Path, *, overwrite: bool, inputs: tuple[Path, ...] = ()):
         self.path = path
@@ -117,34 +131,50 @@ class JsonLines:
         check_target(path, overwrite=overwrite, inputs=inputs)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent or ".")
         self._tmp = Path(tmp)
-        self._file: Optional[IO[str]] = os.fdopen(fd, "w", encoding="utf-8")
-        os.chmod(self._tmp, _file_mode())
+        self._fd: Optional[int] = fd
+        self._size = 0  # bytes of complete lines in the file
+        self._failed: Optional[str] = None
+        try:
+            os.chmod(self._tmp, _file_mode())
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, record: dict) -> None:
-        if self._file is None:
+        if self._fd is None:
             raise SinkError(f"'{self.path}' is closed")
+        if self._failed is not None:
+            raise SinkError(f"cannot write '{self.path}': an earlier write failed ({self._failed})")
+        # Unbuffered writes of whole lines: nothing waits in a buffer to be half-written later.
+        data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+        view = memoryview(data)
         try:
-            # One write call per record: a line is either all there or not there.
-            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-            self._file.flush()
+            while view:
+                view = view[os.write(self._fd, view):]
         except OSError as exc:
-            raise SinkError(f"cannot write '{self.path}': {exc.strerror or exc}") from exc
+            self._failed = _why(exc)
+            # Cut off the part of the line that reached the disk: the file keeps complete lines only.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise SinkError(f"cannot write '{self.path}': {self._failed}") from exc
+        self._size += len(data)
 
     def close(self) -> None:
-        if self._file is None:
+        if self._fd is None:
             return
-        f, self._file = self._file, None
+        fd, self._fd = self._fd, None
         try:
-            f.close()
+            os.close(fd)
             os.replace(self._tmp, self.path)
         except OSError as exc:
             self._tmp.unlink(missing_ok=True)
-            raise SinkError(f"cannot write '{self.path}': {exc.strerror or exc}") from exc
+            raise SinkError(f"cannot write '{self.path}': {_why(exc)}") from exc
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "JsonLines":
@@ -154,10 +184,22 @@ class JsonLines:
         self.close()
 
 
+def check_mask_dir(path: Path, *, overwrite: bool) -> None:
+    """Fail early, creating nothing, when `path` cannot take masks, or holds masks of an earlier
+    run and `overwrite` is off (every run writes 000000.png first, so they would collide)."""
+    check_dir(path)
+    if not overwrite and path.is_dir():
+        old = next(iter(sorted(path.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"))), None)
+        if old is not None:
+            raise SinkError(f"masks directory '{path}' already holds masks ('{old.name}' ...); "
+                            "pass --overwrite to replace them, or choose another directory")
+
+
 class MaskDir:
     """`--save-masks DIR`: each segmented frame's (H, W) uint8 label map as DIR/<index:06d>.png."""
 
     def __init__(self, path: Path, *, overwrite: bool):
+        check_mask_dir(path, overwrite=overwrite)
         self.path = ensure_dir(path)
         self.overwrite = overwrite
         self.written = 0

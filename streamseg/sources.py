@@ -43,6 +43,17 @@ _DEFAULT_FPS = 30.0
 _MIN_FPS, _MAX_FPS = 1.0, 1000.0
 # How often a back-off sleep looks at close(): the stop event itself wakes it at once.
 _WAKE_SLICE_S = 0.1
+# Damaged files. A read that fails before the promised end has usually consumed one damaged packet
+# (FFmpeg refuses it, the next one decodes), so up to this many failures in a row are read past.
+_MAX_BAD_READS = 8
+# After a failed read, this many frames are checked for a jump in media time: the decoder silently
+# drops frames that depend on the damaged one, and with B-frames it reports the failure a few
+# frames before the hole shows. Outside this window a jump is trusted as the file's own timing
+# (variable frame rate): CAP_PROP_FPS is then the average rate and the frame count already fits it.
+_GAP_WINDOW = 16
+# A jump in media time larger than this, in a file of unknown length, is taken for a broken
+# timestamp rather than lost frames (so a bad timestamp cannot make the output hours long).
+_MAX_GAP_S = 60.0
 
 
 # --------------------------------------------------------------------------- classification
@@ -198,7 +209,11 @@ def expand_image_sources(specs: Sequence[str]) -> list[Path]:
 class VideoSource:
     """Frames from one video file, camera index or network stream URL.
 
-    Files are read in order to their end. Live sources (cameras, streams) reconnect after a drop
+    Files are read in order to their end. A frame the decoder cannot decode (a damaged packet) is
+    skipped with one warning per run of lost frames and counted in ``frames_skipped``; the frames
+    after it keep their true ``index`` (position in the file), so a hole of k frames makes the index
+    jump by k + 1. Lost frames are found from failed reads and from jumps in the decoder's media time
+    (CAP_PROP_POS_MSEC) right after one. No placeholder is ever produced. Live sources (cameras, streams) reconnect after a drop
     with back-off 1, 2, 4, ... s capped at ``backoff_cap_s``, up to ``reconnect`` attempts in a
     row (a successful reconnect resets the count), logging one warning per attempt; after that
     ``read()`` raises SourceError. Setting ``stop`` ends any back-off wait at once and makes
@@ -249,6 +264,13 @@ class VideoSource:
         # here until read()/grab() hands it out: (image (H, W, 3) uint8 BGR, monotonic capture time).
         self._pending: Optional[tuple[np.ndarray, float]] = None
         self._next_index = 0
+        # Damaged files (see _place): frames skipped so far, failed reads in a row, failed reads since
+        # the last frame handed out, frames left to check for a hole, media time (ms) of the last frame.
+        self._skipped = 0
+        self._bad_reads = 0
+        self._unplaced = 0
+        self._watch = 0
+        self._last_ms: Optional[float] = None
         self._ended = False
         self._closing = False
         self._closed = False
@@ -289,6 +311,11 @@ class VideoSource:
         """'video', 'camera' or 'stream' (see source_kind)."""
         return self._kind
 
+    @property
+    def frames_skipped(self) -> int:
+        """Frames of a file lost to damage (undecodable, or dropped by the decoder) so far; 0 for live sources."""
+        return self._skipped
+
     def read(self) -> Optional[Frame]:
         """The next frame, (H, W, 3) uint8 BGR, or None at end of file, after close() or once stop is set.
 
@@ -304,7 +331,9 @@ class VideoSource:
                     return self._make_frame(image, captured)
                 ok, image = self._cap.read()
                 if ok and image is not None and image.size:
-                    return self._make_frame(image, time.monotonic())
+                    if self.info.live or self._place():
+                        return self._make_frame(image, time.monotonic())
+                    continue
                 if not self._recover("read failed or timed out"):
                     return None
 
@@ -322,7 +351,9 @@ class VideoSource:
                     self._pending = None
                     return self._take_index()
                 if self._cap.grab():
-                    return self._take_index()
+                    if self.info.live or self._place():
+                        return self._take_index()
+                    continue
                 if not self._recover("grab failed or timed out"):
                     return None
 
@@ -367,6 +398,8 @@ class VideoSource:
             raise
         self._cap = cap
         self._pending = (image, time.monotonic())
+        if self._kind == "video":
+            self._last_ms = self._media_ms(first=True)
 
     def _new_capture(self) -> cv2.VideoCapture:
         if self._kind == "camera":
@@ -437,12 +470,73 @@ class VideoSource:
         timestamp = captured if self.info.live else index / self.info.fps
         return Frame(image=image, index=index, timestamp_s=timestamp)
 
+    def _place(self) -> bool:
+        """Account for frames of a file lost just before the one decoded now; False to drop this one.
+
+        Called after every successful read/grab of a file. Lost frames advance the index and are
+        counted and reported. A frame whose media time lies behind the last one handed out, right
+        after damage, is the decoder's reordering gone wrong: it is dropped (indices must rise).
+        """
+        self._bad_reads = 0
+        failures, self._unplaced = self._unplaced, 0
+        last, now = self._last_ms, self._media_ms()
+        if self._watch == 0:
+            # No damage seen lately: whatever the timestamps do is the file's own timing.
+            self._last_ms = now
+            return True
+        self._watch -= 1
+        # Without usable timestamps each failed read stands for one lost frame.
+        missing = failures
+        if now is not None and last is not None:
+            steps = (now - last) * self.info.fps / 1000.0
+            if steps < 0.5:
+                log.debug("%s: dropped an out-of-order frame at %.1f ms after damage", self._label, now)
+                self._unplaced = failures
+                return False
+            if self._plausible(round(steps) - 1):
+                missing = round(steps) - 1
+        self._last_ms = now
+        if missing > 0:
+            self._skip(missing)
+        return True
+
+    def _plausible(self, missing: int) -> bool:
+        expected = self.info.frame_count
+        if expected is not None:
+            return self._next_index + missing < expected
+        return missing <= _MAX_GAP_S * self.info.fps
+
+    def _skip(self, missing: int) -> None:
+        first = self._next_index
+        self._next_index += missing
+        self._skipped += missing
+        if missing == 1:
+            log.warning("frame %d of %s is corrupt or missing; skipped", first, self.info.name)
+        else:
+            log.warning("frames %d-%d of %s are corrupt or missing; skipped",
+                        first, first + missing - 1, self.info.name)
+
+    def _media_ms(self, *, first: bool = False) -> Optional[float]:
+        """Media time of the frame just decoded, in ms from the stream's start; None when unknown."""
+        ms = float(self._cap.get(cv2.CAP_PROP_POS_MSEC))
+        # OpenCV reports 0 for a frame without a timestamp; only the first frame may really sit at 0.
+        if not math.isfinite(ms) or ms < 0 or (ms == 0 and not first):
+            return None
+        return ms
+
     def _recover(self, reason: str) -> bool:
-        """After a failed read: True when a new first frame is pending, False when reading should stop."""
+        """After a failed read: True to read on (a new first frame pending, or a file read past
+        damage), False when reading should stop."""
         if not self.info.live:
-            # Files never reconnect: a failed read is the end, early or not.
-            self._ended = True
+            # Files never reconnect. A failure before the promised end is read past a few times (each
+            # failed read consumes the damaged packet); after that, or at the end, the file is over.
             expected = self.info.frame_count
+            if (expected is None or self._next_index < expected) and self._bad_reads < _MAX_BAD_READS:
+                self._bad_reads += 1
+                self._unplaced += 1
+                self._watch = _GAP_WINDOW
+                return True
+            self._ended = True
             if expected is not None and self._next_index < expected:
                 log.warning(
                     "%s ended after %d of %d frames (truncated or corrupt file?)",

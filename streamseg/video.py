@@ -85,7 +85,11 @@ class VideoSettings:
 
 @dataclass(frozen=True, slots=True)
 class VideoReport:
-    """What a run did. `ended` is 'end' (input finished), 'quit' (key) or 'stopped' (stop event)."""
+    """What a run did. `ended` is 'end' (input finished), 'quit' (key) or 'stopped' (stop event).
+
+    `frames_skipped`: frames of a file the source could not decode (corrupt or missing); the output
+    video repeats the previous overlay in their place, stats and masks have no entry for them.
+    """
 
     frames_read: int
     frames_segmented: int
@@ -93,6 +97,7 @@ class VideoReport:
     frames_dropped: int
     ended: str
     elapsed_s: float
+    frames_skipped: int = 0
 
 
 @dataclass(slots=True)
@@ -183,6 +188,8 @@ class VideoPipeline:
         self._segmented = 0
         self._dropped = 0
         self._ended = "end"
+        # The last image handed to the writer, repeated in place of frames lost to damage.
+        self._last_written: Optional[np.ndarray] = None
 
     # -- threads ---------------------------------------------------------------------------
 
@@ -199,9 +206,9 @@ class VideoPipeline:
     def _capture_file(self, out: queue.Queue) -> None:
         stride = self.settings.stride
         decode_all = self.outputs.needs_pixels
+        index = 0  # the index the next frame should have: a damaged source may jump past it
         try:
             while not self.stop.is_set():
-                index = self._read
                 if decode_all or index % stride == 0:
                     frame = self.source.read()
                     if frame is None:
@@ -213,6 +220,7 @@ class VideoPipeline:
                     if skipped is None:
                         break
                     item = _Item(frame=None, index=skipped)
+                index = item.index + 1
                 self._read += 1
                 if not _put(out, item, self.stop):
                     return
@@ -335,17 +343,23 @@ class VideoPipeline:
             frames_dropped=self._dropped,
             ended=self._ended,
             elapsed_s=time.monotonic() - start,
+            # Sources without damage accounting (live ones, test doubles) have skipped nothing.
+            frames_skipped=getattr(self.source, "frames_skipped", 0),
         )
 
     def _output_file(self, done: queue.Queue) -> None:
         last: Optional[np.ndarray] = None
         shown = _Rate()
+        expected = 0  # the next index in the source; a higher one means frames were lost to damage
         while True:
             item = _get(done, self.stop)
             if item is _END:
                 if self.stop.is_set() and not self._errors:
                     self._ended = "stopped" if self._ended == "end" else self._ended
                 return
+            if item.index > expected:
+                self._fill(expected, item.index)
+            expected = item.index + 1
             if item.seg is not None:
                 last = item.labels
                 self._record(item.seg)
@@ -356,6 +370,17 @@ class VideoPipeline:
                     return
             if self.on_frame is not None:
                 self.on_frame(item.index)
+
+    def _fill(self, start: int, stop: int) -> None:
+        """Stand in for source frames start..stop-1, lost to damage: the video repeats the previous
+        overlay so it keeps the source's frame count and duration. Stats and masks get no entry."""
+        writer = self.outputs.writer
+        for index in range(start, stop):
+            # Written before the next _present(), so the image still holds the previous overlay.
+            if writer is not None and self._last_written is not None:
+                writer.write(self._last_written)
+            if self.on_frame is not None:
+                self.on_frame(index)
 
     def _output_live(self, frames: _Slot, masks: _Slot) -> None:
         version, mask_version = 0, 0
@@ -406,6 +431,7 @@ class VideoPipeline:
             if overlay.shape[1] != writer.width or overlay.shape[0] != writer.height:
                 overlay = cv2.resize(overlay, (writer.width, writer.height), interpolation=cv2.INTER_AREA)
             writer.write(overlay)
+            self._last_written = overlay
         window = self.outputs.window
         if window is None:
             return None

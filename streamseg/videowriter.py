@@ -29,6 +29,7 @@ import math
 import numbers
 import os
 import secrets
+import shutil
 import weakref
 from fractions import Fraction
 from pathlib import Path
@@ -68,8 +69,9 @@ class _AudioCopy:
     """Remuxes the audio packets of one source file into an output stream, in time order."""
 
     def __init__(self, source: Any, in_stream: Any, out_stream: Any, video_start_s: Fraction,
-                 video_duration_s: Optional[Fraction]) -> None:
+                 video_duration_s: Optional[Fraction], read_errors: tuple[type[BaseException], ...]) -> None:
         self._source = source
+        self._read_errors = read_errors
         self._in = in_stream
         self._out = out_stream
         self._tb: Fraction = in_stream.time_base
@@ -82,14 +84,20 @@ class _AudioCopy:
 
     def _next(self) -> Any:
         if self._pending is None and not self._done:
-            for packet in self._packets:
-                if packet.size == 0:  # demux ends with an empty flush packet: nothing to copy
-                    continue
-                if packet.pts is None and packet.dts is None:
-                    continue  # cannot be placed in time; a decoder would drop it too
-                self._pending = packet
-                break
-            else:
+            try:
+                for packet in self._packets:
+                    if packet.size == 0:  # demux ends with an empty flush packet: nothing to copy
+                        continue
+                    if packet.pts is None and packet.dts is None:
+                        continue  # cannot be placed in time; a decoder would drop it too
+                    self._pending = packet
+                    break
+                else:
+                    self._done = True
+            except self._read_errors as error:
+                # A damaged source costs the rest of the audio, not the video being written.
+                log.warning("cannot read more audio from %s (%s); the rest of the output is silent",
+                            self._source.name, error)
                 self._done = True
         return self._pending
 
@@ -114,6 +122,10 @@ class _AudioCopy:
         self._source.close()
 
 
+class _AudioRefused(Exception):
+    """The MP4 muxer would not take the copied audio stream."""
+
+
 class _H264Output:
     """libx264 through PyAV into an MP4 container, plus optional audio copy."""
 
@@ -128,6 +140,9 @@ class _H264Output:
         self._tmp = tmp
         self._time_base = 1 / rate
         self._audio: Optional[_AudioCopy] = None
+        self._packets = 0  # video packets out of the encoder so far, and the largest of them
+        self._largest = 0
+        self._size_guess = width * height // 4  # a frame's size before the encoder has shown one
         # BT.709 limited range, converted by write() and tagged on the stream by _start().
         self._colour = dict(colorspace=Colorspace.ITU709, color_range=ColorRange.MPEG,
                             color_primaries=ColorPrimaries.BT709, color_trc=ColorTrc.BT709)
@@ -135,13 +150,10 @@ class _H264Output:
         settings = dict(width=width, height=height, rate=rate, crf=crf, preset=preset, threads=threads)
         try:
             self._start(audio_from, **settings)
-        except av.FFmpegError as error:
-            if self._audio is None:
-                raise
+        except _AudioRefused as refused:
             # The muxer refused the audio stream when writing the header (a codec it lists but
             # cannot hold after all): the video matters more, so start again without audio.
-            log.warning("cannot copy the audio of %s into MP4 (%s); writing video only", audio_from, error)
-            self.drop()
+            log.warning("cannot copy the audio of %s into MP4 (%s); writing video only", audio_from, refused)
             self._start(None, **settings)
 
     def _start(self, audio_from: Optional[Path], *, width: int, height: int, rate: Fraction, crf: int,
@@ -162,9 +174,15 @@ class _H264Output:
             for name, value in self._colour.items():
                 setattr(ctx, name, value)
             self._video = stream
+            ctx.open()  # fails here, before any audio is involved, when libx264 is unusable
             if audio_from is not None:
                 self._audio = self._open_audio(audio_from)
-            self._container.start_encoding()  # opens libx264 and writes the header now, not on frame 1
+            try:
+                self._container.start_encoding()  # writes the header now, not on frame 1
+            except self._av.FFmpegError as error:
+                if self._audio is None or isinstance(error, OSError):
+                    raise
+                raise _AudioRefused(error) from error
         except BaseException:
             self.drop()
             raise
@@ -187,7 +205,12 @@ class _H264Output:
                 log.warning("audio codec %r of %s cannot go into MP4; writing video only", name, audio_from)
                 source.close()
                 return None
-            out_stream = self._container.add_stream_from_template(in_stream)
+            try:
+                out_stream = self._container.add_stream_from_template(in_stream)
+            except (av.FFmpegError, ValueError) as error:
+                log.warning("cannot copy the %r audio of %s (%s); writing video only", name, audio_from, error)
+                source.close()
+                return None
             video_start_s = Fraction(0)
             video_duration_s: Optional[Fraction] = None
             if source.streams.video:
@@ -196,7 +219,8 @@ class _H264Output:
                     video_start_s = vs.start_time * vs.time_base
                 if vs.duration:
                     video_duration_s = vs.duration * vs.time_base
-            return _AudioCopy(source, in_stream, out_stream, video_start_s, video_duration_s)
+            return _AudioCopy(source, in_stream, out_stream, video_start_s, video_duration_s,
+                              read_errors=(av.FFmpegError, OSError))
         except BaseException:
             source.close()
             raise
@@ -207,9 +231,18 @@ class _H264Output:
         frame.time_base = self._time_base
         frame.duration = 1  # lets the muxer give the last frame its full length
         for packet in self._video.encode(frame):
+            self._packets += 1
+            self._largest = max(self._largest, packet.size)
             self._container.mux(packet)
         if self._audio is not None:
             self._audio.copy_until(self._container, (index + 1) * self._time_base)
+
+    def reserve(self, frames_written: int) -> int:
+        """Bytes the file may still grow by once the next frame is in and it is finished: the
+        frames inside the encoder (lookahead, B-frames), the muxer's buffer, and the index."""
+        pending = frames_written - self._packets + 1
+        per_frame = self._largest or self._size_guess
+        return _RESERVE_BASE + _INDEX_BYTES_PER_FRAME * (frames_written + 1) + pending * per_frame
 
     def finish(self, frames_written: int) -> None:
         """Flush the encoder, copy the remaining audio, and write the index (moov) to the front."""
@@ -241,11 +274,15 @@ class _Mp4vOutput:
 
     def __init__(self, tmp: Path, *, width: int, height: int, rate: Fraction) -> None:
         self._writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(rate), (width, height))
+        self._size_guess = width * height // 2
         if not self._writer.isOpened():
             raise SinkError(f"OpenCV cannot open an 'mp4v' writer for {tmp}")
 
     def write(self, image: np.ndarray, index: int) -> None:
         self._writer.write(image)
+
+    def reserve(self, frames_written: int) -> int:
+        return _RESERVE_BASE + _INDEX_BYTES_PER_FRAME * (frames_written + 1) + 2 * self._size_guess
 
     def finish(self, frames_written: int) -> None:
         self._writer.release()
@@ -314,6 +351,7 @@ class VideoWriter:
             self._cleanup()
             raise
         self.codec = self._out.codec
+        self._room = _Room(self._tmp)
 
     def _create_temp(self) -> Path:
         path = self.path
@@ -353,6 +391,8 @@ class VideoWriter:
                 try:
                     return _H264Output(self._tmp, width=width, height=height, rate=self.rate, crf=crf,
                                        preset=preset, audio_from=audio_from, threads=threads)
+                except OSError as error:  # the file, not the encoder: OpenCV would fail the same way
+                    raise SinkError(f"cannot write {self.path}: {_describe(error)}") from error
                 except (av.FFmpegError, ValueError) as error:
                     # ValueError: PyAV's UnknownCodecError when FFmpeg was built without libx264.
                     reason = f"PyAV cannot open libx264 ({error})"
@@ -374,6 +414,12 @@ class VideoWriter:
                                        0, self.output_size[0] - self.width, cv2.BORDER_REPLICATE)
         else:
             image = np.ascontiguousarray(image)
+        # Stop while the file can still be finished: a write that hits a full disk leaves the
+        # muxer broken, and the frames so far with it.
+        short = self._room.short(self._out.reserve(self.frames_written))
+        if short is not None:
+            raise SinkError(f"cannot write {self.path}: {short}; stopped after {self.frames_written} "
+                            f"frame{'' if self.frames_written == 1 else 's'} to finish the video with them")
         try:
             self._out.write(image, self.frames_written)
         except (OSError, cv2.error) + _av_errors() as error:
@@ -393,6 +439,11 @@ class VideoWriter:
             log.warning("no frames were written; not creating %s", self.path)
             self._discard()
             return
+        if self._failed is not None:
+            # The muxer is broken (a full disk mid-frame): there is no index to write.
+            self._discard()
+            raise SinkError(f"cannot finish {self.path} after a failed write ({_describe(self._failed)}); "
+                            "removed the incomplete file")
         try:
             self._out.finish(self.frames_written)
         except (OSError, cv2.error) + _av_errors() as error:
@@ -448,14 +499,55 @@ class VideoWriter:
         try:
             self.close()  # keep the work done so far, see the class docstring
         except SinkError as error:
-            # The exception already on its way out says more about what went wrong first.
-            log.error("%s", error)
+            # The exception already on its way out says more about what went wrong first, and it
+            # gets the one error line; this is a consequence.
+            log.warning("%s", error)
+
+
+#: What finishing a file needs beyond its frames: the muxer's buffer (32 KiB), the header, slack.
+_RESERVE_BASE = 256 * 1024
+#: The MP4 index per frame: size, offset, timing and sync entries, audio's share included (generous).
+_INDEX_BYTES_PER_FRAME = 64
+
+
+class _Room:
+    """Whether the temporary file may grow by `reserve` bytes: free disk space, and the process's
+    file-size limit (RLIMIT_FSIZE, `ulimit -f`), which a full disk's EFBIG cousin enforces."""
+
+    def __init__(self, tmp: Path) -> None:
+        self._tmp = tmp
+        self._limit: Optional[int] = None
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if soft != resource.RLIM_INFINITY:
+                self._limit = int(soft)
+        except (ImportError, AttributeError, OSError, ValueError):  # Windows has no such limit
+            pass
+
+    def short(self, reserve: int) -> Optional[str]:
+        """None when there is room; else why not, in a few words."""
+        try:
+            size = os.stat(self._tmp).st_size
+            free = shutil.disk_usage(self._tmp.parent).free
+        except OSError:
+            return None  # cannot tell: the write itself will report any failure
+        if free < reserve:
+            return f"the disk is full ({_mib(free)} free)"
+        if self._limit is not None and size + reserve > self._limit:
+            return f"the file-size limit (ulimit -f) of {_mib(self._limit)} is reached"
+        return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _describe(error: BaseException) -> str:
     """An OS error without the temporary file's name, which means nothing to the user."""
     if isinstance(error, OSError) and error.strerror:
-        return error.strerror + (" (is the disk full?)" if error.errno in (errno.ENOSPC, errno.EFBIG) else "")
+        return error.strerror + (" (is the disk full?)" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "")
     return str(error)
 
 

@@ -79,6 +79,7 @@ def probe(path: Path) -> dict:
             a = c.streams.audio[0]
             info["audio"] = a.codec_context.name
             info["audio_s"] = float(a.duration * a.time_base)
+            info["audio_start_s"] = float((a.start_time or 0) * a.time_base)
         frames = list(c.decode(v))
         info["frames"] = len(frames)
         info["first"] = frames[0].to_ndarray(format="bgr24") if frames else None
@@ -111,6 +112,9 @@ def sources(tmp_path_factory) -> dict[str, Path]:
         "pal_aac": make_source(d / "pal_aac.mp4", frames=40, rate=Fraction(25), width=320, height=240),
         "pal_silent": make_source(d / "pal_silent.mp4", frames=30, rate=Fraction(25), width=320, height=240,
                                   audio=None),
+        # MPEG-TS starts its clock above zero, and its audio (AAC priming) before its video.
+        "ts_aac": make_source(d / "ts_aac.ts", frames=50, rate=Fraction(25), width=320, height=240,
+                              container="mpegts"),
     }
 
 
@@ -118,12 +122,12 @@ def source_info(path: Path) -> tuple[Fraction, int, int, float, str | None, floa
     with av.open(str(path)) as c:
         v = c.streams.video[0]
         a = c.streams.audio[0] if c.streams.audio else None
-        return (v.average_rate, v.frames, v.codec_context.width, float(v.duration * v.time_base),
+        return (v.average_rate, len(source_frames(path)), v.codec_context.width, float(v.duration * v.time_base),
                 a.codec_context.name if a else None, float(a.duration * a.time_base) if a else None)
 
 
 @pytest.mark.parametrize("name, size", [("ntsc_odd_aac", (641, 361)), ("pal_aac", (320, 240)),
-                                        ("pal_silent", (320, 240))])
+                                        ("pal_silent", (320, 240)), ("ts_aac", (320, 240))])
 def test_round_trip_keeps_timing_audio_and_faststart(sources, tmp_path, name, size):
     src = sources[name]
     rate, count, _, video_s, audio_codec, audio_s = source_info(src)
@@ -149,6 +153,7 @@ def test_round_trip_keeps_timing_audio_and_faststart(sources, tmp_path, name, si
     else:
         assert got["audio"] == audio_codec
         assert abs(got["audio_s"] - audio_s) <= 0.05
+        assert abs(got["audio_start_s"]) <= 0.001  # in sync: sound starts with the first frame
     boxes = top_level_boxes(out)
     assert boxes.index("moov") < boxes.index("mdat"), boxes
     assert listing(tmp_path) == {"out.mp4"}
@@ -319,30 +324,32 @@ def test_other_exceptions_also_keep_the_work(tmp_path):
     assert probe(out)["frames"] == 5
 
 
-def test_write_error_is_a_sink_error_and_leaves_no_temp_file(tmp_path):
-    # A file-size limit makes writes fail with EFBIG exactly as a full disk fails with ENOSPC,
+def test_full_disk_is_a_sink_error_and_keeps_the_frames_so_far(tmp_path):
+    # A file-size limit (RLIMIT_FSIZE) fails writes with EFBIG as a full disk fails with ENOSPC,
     # without needing root to mount a tiny file system. A child process keeps the limit away from pytest.
     script = textwrap.dedent(f"""
-        import os, resource, signal, sys
+        import resource, signal, sys
         import numpy as np
         from streamseg.types import SinkError
         from streamseg.videowriter import VideoWriter
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # report EFBIG instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
         rng = np.random.default_rng(0)
-        out = {str(tmp_path / 'out.mp4')!r}
         try:
-            with VideoWriter(out, width=320, height=240, fps=25) as writer:
+            with VideoWriter({str(tmp_path / 'out.mp4')!r}, width=320, height=240, fps=25) as writer:
                 for _ in range(500):
                     writer.write(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))  # incompressible
         except SinkError as error:
-            print("SinkError", writer.frames_written, error)
+            print(writer.frames_written)
+            print(error)
             sys.exit(0)
         sys.exit("no SinkError")
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr + done.stdout
-    assert "SinkError" in done.stdout and "out.mp4" in done.stdout
-    # Either the part written so far was finalised and kept, or nothing is left; never a temp file.
-    assert listing(tmp_path) <= {"out.mp4"}
+    frames, message = done.stdout.splitlines()[:2]
+    assert "out.mp4" in message and ".part" not in message, message
+    assert int(frames) > 0
+    assert listing(tmp_path) == {"out.mp4"}  # finished with the frames so far; no temporary file
+    assert probe(tmp_path / "out.mp4")["frames"] == int(frames)
