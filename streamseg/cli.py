@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import Iterator, NoReturn, Optional, Sequence
 
 from argparse_dataclass import ArgumentParser
 
@@ -87,44 +89,78 @@ class _SignalInterrupt(KeyboardInterrupt):
     """
 
 
+_REPEAT_S = 1.0  # signals this soon after the last raised interruption are only noted
+
+
 class _Interrupts:
     """SIGINT/SIGTERM for the whole run (video runs refine this with `_Signals`).
 
     A signal raises KeyboardInterrupt wherever the program is, so `with` blocks and `finally`
     clauses remove temporary files; SIGTERM's default action would kill the process on the spot
-    and leave them behind. Which signal came is remembered, because library code sometimes turns
-    the KeyboardInterrupt into an error of its own (a C extension half-way through its import
-    reports "ImportError: initialization failed"): main() still reports the interruption.
+    and leave them behind. Which signal came first is remembered: it sets the exit status, and
+    library code sometimes turns the KeyboardInterrupt into an error of its own (a C extension
+    half-way through its import reports "ImportError: initialization failed"), which main() then
+    still reports as the interruption. While one interruption unwinds the program, signals that
+    follow within a second are only noted, so that clean-up is not cut short by a double Ctrl-C.
 
     SIGXFSZ (a file-size limit, `ulimit -f`, was hit) is ignored, so the write fails with EFBIG
-    and is reported like a full disk instead of killing the process without a word.
+    and is reported like a full disk instead of killing the process without a word. (The python
+    executable ignores it from start-up already; an embedding program may not.)
     """
 
     def __init__(self) -> None:
         self.raised: Optional[int] = None
-        self._old: dict = {}
+        self._deferring = False
+        self._pending: Optional[int] = None
+        self._last_raise = -math.inf
 
-    def note(self, signum: int) -> None:
+    def interrupt(self, signum: int) -> None:
+        """Raise the interruption for `signum`: now, or inside deferred() when that block ends."""
         self.raised = self.raised or signum
-
-    def _handle(self, signum, _frame) -> None:
-        self.note(signum)
+        if self._deferring:
+            self._pending = signum
+            return
+        now = time.monotonic()
+        if now - self._last_raise < _REPEAT_S:
+            return
+        self._last_raise = now
         raise _SignalInterrupt
 
-    def __enter__(self) -> "_Interrupts":
-        self.raised = None
-        self._old = {}
+    def _handle(self, signum, _frame) -> None:
+        self.interrupt(signum)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Signals are only noted while the block runs, then raised. For importing torch and
+        friends: their C++ initialisation calls back into Python, and an exception raised there
+        ends in std::terminate, an abort with a core dump instead of a clean stop."""
+        self._deferring, self._pending = True, None
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending is not None:
+            self.interrupt(self._pending)
+
+    @contextmanager
+    def installed(self, *, program: bool) -> Iterator["_Interrupts"]:
+        """The handlers for one main() call. Afterwards the old ones come back; for the program
+        itself (`program`), the default actions instead: a signal while the interpreter shuts
+        down, all outputs complete, then ends it quietly rather than with a traceback from an
+        atexit hook."""
+        self.raised, self._deferring, self._pending, self._last_raise = None, False, None, -math.inf
+        restore = {}
         if threading.current_thread() is threading.main_thread():  # signal.signal() works there only
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
+                old = signal.signal(sig, self._handle)
+                restore[sig] = signal.SIG_DFL if program else old
             if hasattr(signal, "SIGXFSZ"):
-                self._old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
+                restore[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        try:
+            yield self
+        finally:
+            for sig, handler in restore.items():
+                signal.signal(sig, handler)
 
     def report(self) -> int:
         if self.raised == signal.SIGTERM:
@@ -138,36 +174,60 @@ _interrupts = _Interrupts()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        with _interrupts.installed(program=program):
+            return _main(argv)
+    except KeyboardInterrupt:  # a signal just as the run ended, between its own handlers
+        return _interrupts.report()
+
+
+def _main(argv: list[str]) -> int:
     debug = "--debug" in argv
-    with _interrupts:
+    try:
+        if argv and argv[0] == "export":
+            return _export(argv[1:])
         try:
-            if argv and argv[0] == "export":
-                return _export(argv[1:])
-            try:
-                opts = build_parser().parse_args(argv)
-            except ValueError as exc:  # Options.__post_init__ validation
-                raise UsageError(str(exc)) from exc
-            _setup_logging(quiet=opts.quiet, debug=opts.debug)
-            return _run(opts)
-        except KeyboardInterrupt:
+            opts = build_parser().parse_args(argv)
+        except ValueError as exc:  # Options.__post_init__ validation
+            raise UsageError(str(exc)) from exc
+        _setup_logging(quiet=opts.quiet, debug=opts.debug)
+        return _run(opts)
+    except KeyboardInterrupt:
+        return _interrupts.report()
+    except StreamsegError as exc:
+        if _interrupts.raised:  # the interruption, reworded by the code it interrupted
             return _interrupts.report()
-        except StreamsegError as exc:
-            if _interrupts.raised:  # the interruption, reworded by the code it interrupted
-                return _interrupts.report()
-            if debug:
-                traceback.print_exc()
-            return _fail(str(exc), exc.exit_code)
-        except Exception as exc:  # a bug, not a user mistake: still one line, traceback with --debug
-            if _interrupts.raised:
-                return _interrupts.report()
-            if debug:
-                traceback.print_exc()
-            return _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+        if debug:
+            traceback.print_exc()
+        return _fail(str(exc), exc.exit_code)
+    except Exception as exc:  # a bug, not a user mistake: still one line, traceback with --debug
+        if _interrupts.raised:
+            return _interrupts.report()
+        if debug:
+            traceback.print_exc()
+        return _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+
+
+def _libraries(opts: Options, *, video: bool = False) -> None:
+    """Import the heavy libraries this run needs, with signals deferred (see _Interrupts.deferred):
+    the first step of loading the model."""
+    log.debug("loading model %s", opts.model)
+    with _interrupts.deferred():
+        import importlib
+
+        from . import segmenter  # noqa: F401  (torch)
+
+        importlib.import_module("onnxruntime" if opts.is_onnx else "torchvision.models.segmentation")
+        if video:
+            try:
+                import av  # noqa: F401  (the video writer's; without it, the writer falls back and says so)
+            except ImportError:
+                pass
 
 
 def _segmenter(opts: Options):
-    log.debug("loading model %s", opts.model)
     from .segmenter import Segmenter
 
     kwargs = {}
@@ -187,11 +247,13 @@ def _segmenter(opts: Options):
         weights=opts.weights,
         precision=opts.precision,
         **kwargs,
+        **({"compile": True} if opts.compile else {}),
     )
 
 
 def _run(opts: Options) -> int:
-    from .sources import expand_image_sources, source_kind
+    with _interrupts.deferred():
+        from .sources import expand_image_sources, source_kind  # OpenCV
 
     kinds = {source_kind(s) for s in opts.sources}
     if kinds == {"images"}:
@@ -202,12 +264,14 @@ def _run(opts: Options) -> int:
 
 
 def _run_images(opts: Options, paths) -> int:
+    _libraries(opts)
     from .pipeline import check_image_targets, run_images
     from .sinks import JsonLines
 
     out_dir = Path(opts.output) if opts.output else Path(".")
     if out_dir.suffix.lower() in (".mp4", ".mkv", ".mov", ".avi"):
         raise UsageError(f"-o for images is a directory, got '{out_dir}'")
+    _distinct_outputs(("-o", out_dir), ("--stats", opts.stats))
     check_image_targets(paths, out_dir, overwrite=opts.overwrite)
     if opts.stats:  # before the model loads: a bad --stats path should not cost a model load first
         from .sinks import check_dir, check_target
@@ -242,6 +306,18 @@ def _run_images(opts: Options, paths) -> int:
     return 1 if failures else 0
 
 
+def _distinct_outputs(*outputs) -> None:
+    """Two outputs in one place (`--stats out` beside `-o out/`) would fail only at the end."""
+    seen: dict[Path, str] = {}
+    for flag, value in outputs:
+        if value is None:
+            continue
+        where = Path(value).resolve()
+        if where in seen:
+            raise UsageError(f"{seen[where]} and {flag} both name '{value}'; give each output its own place")
+        seen[where] = flag
+
+
 def _export(argv: Sequence[str]) -> int:
     parser = _Parser(ExportOptions, prog="streamseg export", description="Write a model of the table to ONNX with streamseg metadata.")
     try:
@@ -249,7 +325,8 @@ def _export(argv: Sequence[str]) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     _setup_logging(quiet=False, debug=opts.debug)
-    from .export import export_onnx
+    with _interrupts.deferred():
+        from .export import export_onnx  # torch, torchvision
 
     path = export_onnx(opts)
     print(f"wrote {path}")
@@ -285,8 +362,7 @@ class _Signals:
         if self.flowing and first:
             self.stop.set()
             return
-        _interrupts.note(signum)
-        raise _SignalInterrupt
+        _interrupts.interrupt(signum)
 
     @property
     def exit_code(self) -> Optional[int]:
@@ -320,6 +396,7 @@ def _run_video(opts: Options, kind: str) -> int:
         ensure_dir(out.parent if str(out.parent) else Path("."))
         check_target(out, overwrite=opts.overwrite, inputs=inputs)
     # Every output place is checked before the model loads and before a frame is read.
+    _distinct_outputs(("-o", out), ("--stats", opts.stats), ("--save-masks", opts.save_masks))
     if opts.stats:
         check_dir(Path(opts.stats).parent)
         check_target(Path(opts.stats), overwrite=opts.overwrite, inputs=inputs)
@@ -336,6 +413,7 @@ def _run_video(opts: Options, kind: str) -> int:
     stop = threading.Event()
     with _Signals(stop) as signals:
         try:
+            _libraries(opts, video=True)
             segmenter = _segmenter(opts)
             code = _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals)
         except KeyboardInterrupt:

@@ -85,6 +85,7 @@ class Options:
             help="model precision (default: fp16 on CUDA, fp32 on CPU)",
         ),
     )
+    compile: bool = field(default=False, metadata=_opt("--compile", help="torch.compile the model (CUDA; slow first frames)"))
     input_size: Optional[str] = field(
         default=None,
         metadata=_opt("--input-size", metavar="WxH|N", help="ONNX: fixed input WxH, or N for the shorter side"),

@@ -62,15 +62,28 @@ def to_input(
     device = device or torch.device("cpu")
     if device.type == "cpu":
         return _to_input_cpu(frames, spec, dtype=dtype, channels_last=channels_last)
-    height, width = frames[0].shape[:2]
+    return tensor_to_input(upload(frames, device), spec, dtype=dtype, channels_last=channels_last)
+
+
+def upload(frames: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    """(H, W, 3) uint8 BGR frames of one size -> one (N, H, W, 3) uint8 BGR tensor on `device`:
+    the frames' only trip to the device (pinned memory, non-blocking copy on CUDA)."""
     batch = np.stack(frames) if len(frames) > 1 else frames[0][None]
     x = torch.from_numpy(batch)
     if device.type == "cuda":
-        x = x.pin_memory().to(device, non_blocking=True)
-    elif device.type != "cpu":
-        x = x.to(device)
-    # (N, H, W, 3) BGR -> (N, 3, H, W) RGB: the only BGR->RGB conversion in streamseg.
-    x = x.permute(0, 3, 1, 2).flip(1)
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def tensor_to_input(
+    frames: torch.Tensor, spec: InputSpec, *, dtype: torch.dtype = torch.float32, channels_last: bool = False
+) -> torch.Tensor:
+    """(N, H, W, 3) uint8 BGR tensor, on any device -> normalised (N, 3, h, w) RGB model input
+    on that device: resize and normalisation run where the frames already are."""
+    device = frames.device
+    height, width = frames.shape[1:3]
+    # (N, H, W, 3) BGR -> (N, 3, H, W) RGB: the only BGR->RGB conversion on the device path.
+    x = frames.permute(0, 3, 1, 2).flip(1)
     tw, th = spec.target_size(width, height)
     if (tw, th) != (width, height):
         x = F.interpolate(x.float(), size=(th, tw), mode="bilinear", antialias=True, align_corners=False)

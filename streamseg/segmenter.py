@@ -47,6 +47,7 @@ class Segmenter:
         std: Optional[Sequence[float]] = None,
         categories: Optional[Sequence[str]] = None,
         channels_last: bool = True,
+        compile: bool = False,
     ):
         dev = resolve_device(device)
         _configure_threads(dev)
@@ -69,11 +70,13 @@ class Segmenter:
                 weights_file=weights,
                 pretrained=pretrained,
                 channels_last=channels_last,
+                compile=compile,
             )
         self.categories: tuple[str, ...] = self.model.categories
         self.selected: tuple[int, ...] = parse_classes(classes, self.categories)
         self.palette = make_palette(self.categories)
         self.device = self.model.device
+        self._tables = None  # the painter's colour tables on the device, uploaded once
 
     @property
     def spec(self):
@@ -111,6 +114,44 @@ class Segmenter:
                 lab = cv2.resize(lab, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
             out.append(lab)
         return out
+
+
+    def render(self, frames: Sequence[Frame], painter, *, on_device: Optional[bool] = None) -> list[tuple[Segmentation, np.ndarray]]:
+        """Segment frames of one size and paint them: [(Segmentation, (H, W, 3) uint8 BGR overlay)].
+
+        With a torch model on CUDA (or `on_device=True`), everything after the single upload runs
+        on the device: resize, normalisation, model, argmax, the label map's resize to frame size,
+        colouring and blending; overlay and label map come back in one uint8 download per frame.
+        Elsewhere the CPU path does the same with `painter.blend`.
+        """
+        m = self.model
+        if on_device is None:
+            on_device = isinstance(m, TorchModel) and m.device.type == "cuda"
+        if not on_device or not isinstance(m, TorchModel):
+            return [(seg, painter.blend(seg.frame.image, seg.labels)) for seg in self.segment_batch(frames)]
+        from .overlay_torch import blend_tensor, device_tables
+        from .preprocess import tensor_to_input, upload
+
+        height, width = frames[0].image.shape[:2]
+        key = (id(painter), m.device)
+        if self._tables is None or self._tables[0] != key:
+            self._tables = (key, device_tables(painter.lut, painter.mask_lut, m.device))
+        lut, selected = self._tables[1]
+        with torch.inference_mode():
+            batch = upload([f.image for f in frames], m.device)
+            small = m.predict(tensor_to_input(batch, m.spec, dtype=m.dtype, channels_last=m.channels_last))
+            if small.shape[-2:] != (height, width):
+                small = F.interpolate(small[:, None].float(), size=(height, width), mode="nearest-exact")[:, 0]
+            labels = small.to(torch.uint8)
+            overlay = blend_tensor(batch, labels, lut, selected, painter.alpha)
+            packed = torch.cat([overlay, labels[..., None]], dim=-1).cpu().numpy()  # one download
+        return [
+            (
+                Segmentation(frame=f, labels=np.ascontiguousarray(p[..., 3]), categories=self.categories, selected=self.selected),
+                np.ascontiguousarray(p[..., :3]),
+            )
+            for f, p in zip(frames, packed)
+        ]
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:

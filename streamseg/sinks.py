@@ -51,9 +51,9 @@ def ensure_dir(path: Path) -> Path:
         raise SinkError(f"cannot create output directory '{path}': {exc.strerror or exc}") from exc
     # os.access lies for root and on read-only mounts; creating a file is the real test.
     try:
-        fd, probe = tempfile.mkstemp(prefix=".streamseg-probe-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
+        # An unnamed temporary file (O_TMPFILE on Linux): a signal mid-probe leaves nothing behind.
+        with tempfile.TemporaryFile(prefix=".streamseg-probe-", dir=path):
+            pass
     except OSError as exc:
         raise SinkError(f"cannot write to output directory '{path}': {exc.strerror or exc}") from exc
     return path

@@ -81,6 +81,8 @@ class VideoSettings:
     batch: int = 1
     alpha: float = 0.5
     legend: bool = False
+    #: paint segmented frames on the model's device; None: where the model runs on CUDA
+    paint_on_device: Optional[bool] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,7 @@ class _Item:
     index: int
     labels: Optional[np.ndarray] = None  # set on segmented frames
     seg: Optional[Segmentation] = None
+    overlay: Optional[np.ndarray] = None  # painted on the device (CUDA fast path)
 
 
 class _Slot:
@@ -183,6 +186,11 @@ class VideoPipeline:
         self.stop = stop or threading.Event()
         self.on_frame = on_frame
         self.live = source.info.live
+        # Painting next to the model pays off where the frames already sit on a GPU; on the CPU
+        # the output thread paints in parallel with the model instead.
+        device = getattr(getattr(segmenter, "device", None), "type", None)
+        on_device = settings.paint_on_device if settings.paint_on_device is not None else device == "cuda"
+        self._paint_on_device = bool(on_device and hasattr(segmenter, "render"))
         self._errors: list[BaseException] = []
         self._read = 0
         self._segmented = 0
@@ -233,7 +241,11 @@ class VideoPipeline:
         todo: list[_Item] = []
 
         def flush() -> bool:
-            if todo:
+            if todo and self._paint_on_device:
+                # CUDA: segmented and painted on the device, one download per frame.
+                for it, (seg, overlay) in zip(todo, self.segmenter.render([it.frame for it in todo], self.painter, on_device=True)):
+                    it.labels, it.seg, it.overlay = seg.labels, seg, overlay
+            elif todo:
                 segs = self.segmenter.segment_batch([it.frame for it in todo])
                 for it, seg in zip(todo, segs):
                     it.labels, it.seg = seg.labels, seg
@@ -364,7 +376,7 @@ class VideoPipeline:
                 last = item.labels
                 self._record(item.seg)
             if item.frame is not None and self.outputs.needs_pixels:
-                if self._present(item.frame, last, shown) == "quit":
+                if self._present(item.frame, last, shown, painted=item.overlay) == "quit":
                     self._ended = "quit"
                     self.stop.set()
                     return
@@ -416,10 +428,12 @@ class VideoPipeline:
                 {"index": seg.frame.index, "timestamp_s": round(seg.frame.timestamp_s, 6), "classes": class_record(seg)}
             )
 
-    def _present(self, frame: Frame, labels: Optional[np.ndarray], rate: "_Rate") -> Optional[str]:
+    def _present(
+        self, frame: Frame, labels: Optional[np.ndarray], rate: "_Rate", *, painted: Optional[np.ndarray] = None
+    ) -> Optional[str]:
         image = frame.image
         if labels is not None and labels.shape == image.shape[:2]:
-            overlay = self.painter.blend(image, labels)
+            overlay = painted if painted is not None else self.painter.blend(image, labels)
             if self.settings.legend:
                 present = tuple(c for c in self.painter.selected if np.any(labels == c))
                 overlay = draw_legend(overlay, present, self.segmenter.categories, self.painter.palette)

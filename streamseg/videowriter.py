@@ -134,7 +134,7 @@ class _H264Output:
     def __init__(self, tmp: Path, *, width: int, height: int, rate: Fraction, crf: int, preset: str,
                  audio_from: Optional[Path], threads: int) -> None:
         import av  # deferred: an ImportError here selects the OpenCV fallback
-        from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace
+        from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace, VideoReformatter
 
         self._av = av
         self._tmp = tmp
@@ -147,6 +147,11 @@ class _H264Output:
         self._colour = dict(colorspace=Colorspace.ITU709, color_range=ColorRange.MPEG,
                             color_primaries=ColorPrimaries.BT709, color_trc=ColorTrc.BT709)
         self._convert = dict(format="yuv420p", **{"dst_" + k: v for k, v in self._colour.items()})
+        # One converter for the whole file, made on the first frame: frame.reformat() builds a new
+        # one per frame, and with it swscale's thread pool (threads started and joined per frame,
+        # at half the speed).
+        self._new_reformatter = VideoReformatter
+        self._reformatter: Any = None
         settings = dict(width=width, height=height, rate=rate, crf=crf, preset=preset, threads=threads)
         try:
             self._start(audio_from, **settings)
@@ -226,7 +231,9 @@ class _H264Output:
             raise
 
     def write(self, image: np.ndarray, index: int) -> None:
-        frame = self._av.VideoFrame.from_ndarray(image, format="bgr24").reformat(**self._convert)
+        if self._reformatter is None:
+            self._reformatter = self._new_reformatter()
+        frame = self._reformatter.reformat(self._av.VideoFrame.from_ndarray(image, format="bgr24"), **self._convert)
         frame.pts = index
         frame.time_base = self._time_base
         frame.duration = 1  # lets the muxer give the last frame its full length
@@ -265,6 +272,7 @@ class _H264Output:
             audio.close()
         with contextlib.suppress(self._av.FFmpegError, OSError):
             self._container.close()  # closing twice is a no-op; after a failed write it may raise again
+        self._reformatter = None  # its swscale threads end with it, not whenever the writer is collected
 
 
 class _Mp4vOutput:
