@@ -30,6 +30,7 @@ import numbers
 import os
 import secrets
 import shutil
+import time
 import weakref
 from fractions import Fraction
 from pathlib import Path
@@ -516,6 +517,8 @@ class VideoWriter:
 _RESERVE_BASE = 256 * 1024
 #: The MP4 index per frame: size, offset, timing and sync entries, audio's share included (generous).
 _INDEX_BYTES_PER_FRAME = 64
+#: Room beyond the reserve above which the writer looks at the disk only a few times a second.
+_PLENTY = 64 * 2**20
 
 
 class _Room:
@@ -534,8 +537,13 @@ class _Room:
         except (ImportError, AttributeError, OSError, ValueError):  # Windows has no such limit
             pass
 
+        self._next_check = 0.0  # monotonic time; while there is plenty of room, look a few times a second
+
     def short(self, reserve: int) -> Optional[str]:
         """None when there is room; else why not, in a few words."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return None
         try:
             size = os.stat(self._tmp).st_size
             free = shutil.disk_usage(self._tmp.parent).free
@@ -545,6 +553,10 @@ class _Room:
             return f"the disk is full ({_mib(free)} free)"
         if self._limit is not None and size + reserve > self._limit:
             return f"the file-size limit (ulimit -f) of {_mib(self._limit)} is reached"
+        room = min(free, self._limit - size if self._limit is not None else free) - reserve
+        # Far from full: the next quarter of a second cannot use it up (that would take 256 MiB/s);
+        # close to full: every frame (statvfs is a round trip on a network file system).
+        self._next_check = now + 0.25 if room > _PLENTY else 0.0
         return None
 
 
