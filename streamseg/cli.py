@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import math
 import signal
 import sys
@@ -176,6 +177,10 @@ _interrupts = _Interrupts()
 def main(argv: Optional[Sequence[str]] = None) -> int:
     program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Decode, model and encode share the cores in parallel threads: OpenMP workers that busy-wait
+    # between the model's operators take time from the others (LR-ASPP end to end +8 % on two
+    # cores, BENCHMARKS.md). Read by libgomp when torch loads, so set before any torch import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         with _interrupts.installed(program=program):
             return _main(argv)
