@@ -123,3 +123,33 @@ def make_onnx() -> Callable[..., Path]:
     """`make_onnx(path, num_classes=21, target=None, size=None, batch="N", metadata=None)` -> path
     of a tiny ONNX segmentation model (see `_make_onnx`)."""
     return _make_onnx
+
+
+VOC_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+             "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+
+def random_onnx(path: Path, *, width: int = 64, height: int = 48) -> Path:
+    """A real ONNX segmentation model, as small as one can be: a 1x1 convolution from RGB to the 21
+    VOC classes, with streamseg's preprocessing metadata. Built with the onnx helper API."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.random.default_rng(0).normal(size=(21, 3, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "W", "B"], ["logits"])],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, height, width])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 21, height, width])],
+        [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.zeros(21, np.float32), "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    meta = {"streamseg.input_size": f"{width}x{height}", "streamseg.mean": "127.5,127.5,127.5",
+            "streamseg.std": "64,64,64", "streamseg.categories": ",".join(VOC_NAMES)}
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    return path

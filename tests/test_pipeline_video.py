@@ -18,6 +18,7 @@ import av
 import numpy as np
 import pytest
 
+from conftest import random_onnx as tiny_onnx
 from streamseg.labels import palette
 from streamseg.overlay import Painter
 from streamseg.segmenter import Segmenter
@@ -59,30 +60,6 @@ def make_video(path: Path, n: int) -> Path:
 def decode(path: Path) -> list[np.ndarray]:
     with av.open(str(path)) as container:
         return [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
-
-
-def tiny_onnx(path: Path) -> Path:
-    """A 1x1 convolution from RGB to the 21 VOC classes, with streamseg's preprocessing metadata."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    weights = np.random.default_rng(0).normal(size=(21, 3, 1, 1)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["input", "W", "B"], ["logits"])],
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, H, W])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 21, H, W])],
-        [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.zeros(21, np.float32), "B")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    meta = {"streamseg.input_size": f"{W}x{H}", "streamseg.mean": "127.5,127.5,127.5",
-            "streamseg.std": "64,64,64", "streamseg.categories": ",".join(VOC)}
-    for key, value in meta.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(model, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
