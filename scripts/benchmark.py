@@ -63,7 +63,7 @@ from streamseg.segmenter import Segmenter  # noqa: E402
 from streamseg.sources import VideoSource  # noqa: E402
 from streamseg.types import Frame, Segmentation, VideoInfo  # noqa: E402
 from streamseg.video import VideoOutputs, VideoPipeline, VideoSettings  # noqa: E402
-from streamseg.videowriter import VideoWriter  # noqa: E402
+from streamseg.videowriter import VideoWriter, auto_preset  # noqa: E402
 
 PINK_RGB = (255, 20, 147)
 PINK_BGR = np.array(PINK_RGB[::-1], np.float64)
@@ -323,7 +323,9 @@ def end_to_end(seg: Segmenter, video: Path, out: Path, *, n: int, stride: int, b
         with VideoSource(str(video)) as raw:
             source = LimitedSource(raw, n)
             info = source.info
-            with VideoWriter(out, width=info.width, height=info.height, fps=info.fps, audio_from=video, overwrite=True) as writer:
+            preset = auto_preset(seg.device.type)  # as the CLI picks it
+            with VideoWriter(out, width=info.width, height=info.height, fps=info.fps, audio_from=video,
+                             overwrite=True, preset=preset) as writer:
                 outputs = VideoOutputs(writer=writer)
                 settings = VideoSettings(stride=stride, batch=batch, alpha=alpha)
                 report = VideoPipeline(source, seg, outputs, settings, painter=painter).run()
@@ -334,6 +336,7 @@ def end_to_end(seg: Segmenter, video: Path, out: Path, *, n: int, stride: int, b
         "seconds": round(elapsed, 3),
         "fps": report.frames_written / elapsed,
         "codec": writer.codec,
+        "preset": preset,
         **peak.fields(),
     }
 

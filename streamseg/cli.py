@@ -447,8 +447,9 @@ def _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals) -> in
         info = source.info
         writer = window = None
         if out is not None:
-            from .videowriter import VideoWriter
+            from .videowriter import VideoWriter, auto_preset
 
+            preset = auto_preset(segmenter.device.type) if opts.preset == "auto" else opts.preset
             writer = stack.enter_context(
                 VideoWriter(
                     out,
@@ -457,6 +458,8 @@ def _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals) -> in
                     fps=info.fps,
                     audio_from=Path(spec) if kind == "video" else None,
                     overwrite=opts.overwrite,
+                    crf=opts.crf,
+                    preset=preset,
                 )
             )
         if show:

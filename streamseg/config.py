@@ -19,6 +19,10 @@ MODEL_NAMES = (
 )
 DEFAULT_MODEL = "deeplabv3_resnet101"
 
+#: libx264's speed presets, fastest first (here rather than in videowriter.py: `--help` lists them).
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+                "veryslow", "placebo")
+
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -102,6 +106,19 @@ class Options:
         default=None,
         metadata=_opt("--save-masks", metavar="DIR", help="video: write each segmented frame's label map as DIR/<index>.png"),
     )
+    preset: str = field(
+        default="auto",
+        metadata=_opt(
+            "--preset",
+            choices=["auto", *X264_PRESETS],
+            help="video output: libx264 speed preset (default: auto = ultrafast when the model runs "
+            "on the CPU, veryfast on a GPU; slower presets make smaller files)",
+        ),
+    )
+    crf: int = field(
+        default=20,
+        metadata=_opt("--crf", metavar="N", help="video output: libx264 quality 0..51, lower is better and larger (default: 20)"),
+    )
     stride: int = field(default=1, metadata=_opt("--stride", metavar="N", help="video: segment one frame in every N (default: 1)"))
     batch: Optional[int] = field(default=None, metadata=_opt("--batch", metavar="N", help="video files: frames per model call"))
     show: bool = field(default=False, metadata=_opt("--show", help="open a preview window (default for cameras and streams without -o)"))
@@ -123,6 +140,8 @@ class Options:
             raise ValueError(f"--stride must be 1 or more, got {self.stride}")
         if self.batch is not None and self.batch < 1:
             raise ValueError(f"--batch must be 1 or more, got {self.batch}")
+        if not 0 <= self.crf <= 51:
+            raise ValueError(f"--crf must be between 0 and 51, got {self.crf}")
         if self.reconnect < 0:
             raise ValueError(f"--reconnect must be 0 or more, got {self.reconnect}")
         if not _DEVICE.match(self.device):

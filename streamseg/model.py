@@ -1,6 +1,6 @@
 """Models: the torchvision table, weights loading, ONNX sessions, device and precision.
 
-Two backends share one small interface (`categories`, `spec`, `device`, `predict`), so the
+Two backends share one small interface (`categories`, `spec`, `device`, `logits`, `predict`), so the
 segmenter does not care which one runs. torchvision is imported lazily: `--help` must not pay
 for it.
 """
@@ -85,15 +85,26 @@ def spec_from_weights(weights) -> InputSpec:
     )
 
 
-class _OutOnly(torch.nn.Module):
-    """torchvision segmentation models return {'out': logits, 'aux': ...}; keep the logits."""
+class _Logits(torch.nn.Module):
+    """A torchvision segmentation model's logits at its own output stride (1/8 of the input).
+
+    torchvision's forward ends by resizing the logits bilinearly to the input size and returns
+    {'out': ..., 'aux': ...}. streamseg resizes them once, straight to the frame's size
+    (postprocess.py), so the forward stops before that resize; the auxiliary head is dropped too.
+    """
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
+        from torchvision.models.segmentation.lraspp import LRASPP
+
         self.model = model
+        self._lraspp = isinstance(model, LRASPP)  # its classifier takes the whole feature dict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)["out"]
+        features = self.model.backbone(x)
+        if self._lraspp:
+            return self.model.classifier(features)
+        return self.model.classifier(features["out"])
 
 
 class TorchModel:
@@ -125,7 +136,7 @@ class TorchModel:
         # The auxiliary head only helps training; dropping it saves its whole forward pass.
         if getattr(net, "aux_classifier", None) is not None:
             net.aux_classifier = None
-        net = _OutOnly(net).eval().to(device=device, dtype=self.dtype)
+        net = _Logits(net).eval().to(device=device, dtype=self.dtype)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         if device.type == "cuda":
@@ -139,12 +150,13 @@ class TorchModel:
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, h, w) normalised input -> (N, C, h, w) logits, on the model's device."""
+        """(N, 3, h, w) normalised input -> (N, C, h/8, w/8) logits, on the model's device."""
         return self.net(x)
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, h, w) normalised input -> (N, h, w) uint8 class ids, on the model's device."""
+        """(N, 3, h, w) normalised input -> (N, h/8, w/8) uint8 class ids at the model's own
+        resolution, on the model's device. Frame-sized labels come from `postprocess.labels_at`."""
         return self.net(x).argmax(1).to(torch.uint8)
 
 
@@ -310,15 +322,19 @@ class OnnxModel:
         self.categories, self.spec = _onnx_spec(path, meta, inp.shape, input_size, mean, std, categories)
         _check_onnx_shapes(path, inp.shape, self.session.get_outputs()[0].shape, self.spec, self.categories)
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, h, w) normalised input -> (N, h, w) uint8 class ids (CPU tensor)."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) normalised input -> (N, C, h', w') logits at the model's output size (CPU tensor)."""
         arr = x.detach().cpu().float().numpy()
         if self.fixed_batch and len(arr) > 1:
             outs = [self.session.run(None, {self.input_name: arr[i : i + 1]})[0] for i in range(len(arr))]
             logits = np.concatenate(outs)
         else:
             logits = self.session.run(None, {self.input_name: arr})[0]
-        return torch.from_numpy(logits.argmax(1).astype(np.uint8))
+        return torch.from_numpy(logits)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) normalised input -> (N, h', w') uint8 class ids at the model's output size."""
+        return self.logits(x).argmax(1).to(torch.uint8)
 
 
 def _onnx_spec(path, meta, shape, input_size, mean, std, categories):

@@ -15,11 +15,11 @@ from typing import Optional, Sequence, Union
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .labels import palette as make_palette
 from .labels import parse_classes
 from .model import MODELS, OnnxModel, TorchModel, resolve_device
+from .postprocess import labels_at, labels_tensor
 from .preprocess import to_input
 from .types import Frame, ModelLoadError, Segmentation, UsageError
 
@@ -101,26 +101,15 @@ class Segmenter:
         use_cl = isinstance(m, TorchModel) and m.channels_last
         dtype = m.dtype if isinstance(m, TorchModel) else torch.float32
         x = to_input(images, m.spec, device=m.device, dtype=dtype, channels_last=use_cl)
-        small = m.predict(x)  # (N, h, w) uint8 on the model's device
-        height, width = images[0].shape[:2]
-        if small.device.type != "cpu":
-            # Resize on the device and download the uint8 map once.
-            if small.shape[-2:] != (height, width):
-                small = F.interpolate(small[:, None].float(), size=(height, width), mode="nearest-exact")[:, 0]
-            return list(small.to(torch.uint8).cpu().numpy())
-        out = []
-        for lab in small.numpy():
-            if lab.shape != (height, width):
-                lab = cv2.resize(lab, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
-            out.append(lab)
-        return out
+        # Bilinear logits at the frame's size, argmax; on a GPU on the device, then one download.
+        return labels_at(m.logits(x), images[0].shape[:2])
 
 
     def render(self, frames: Sequence[Frame], painter, *, on_device: Optional[bool] = None) -> list[tuple[Segmentation, np.ndarray]]:
         """Segment frames of one size and paint them: [(Segmentation, (H, W, 3) uint8 BGR overlay)].
 
         With a torch model on CUDA (or `on_device=True`), everything after the single upload runs
-        on the device: resize, normalisation, model, argmax, the label map's resize to frame size,
+        on the device: resize, normalisation, model, the logits' resize to frame size, argmax,
         colouring and blending; overlay and label map come back in one uint8 download per frame.
         Elsewhere the CPU path does the same with `painter.blend`.
         """
@@ -139,10 +128,8 @@ class Segmenter:
         lut, selected = self._tables[1]
         with torch.inference_mode():
             batch = upload([f.image for f in frames], m.device)
-            small = m.predict(tensor_to_input(batch, m.spec, dtype=m.dtype, channels_last=m.channels_last))
-            if small.shape[-2:] != (height, width):
-                small = F.interpolate(small[:, None].float(), size=(height, width), mode="nearest-exact")[:, 0]
-            labels = small.to(torch.uint8)
+            logits = m.logits(tensor_to_input(batch, m.spec, dtype=m.dtype, channels_last=m.channels_last))
+            labels = labels_tensor(logits, (height, width))
             overlay = blend_tensor(batch, labels, lut, selected, painter.alpha)
             packed = torch.cat([overlay, labels[..., None]], dim=-1).cpu().numpy()  # one download
         return [

