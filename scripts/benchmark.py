@@ -644,7 +644,7 @@ def compare_onnx(seg: Segmenter, frames: list[np.ndarray], workdir: Path, *, n: 
 
 
 def build_segmenter(args) -> tuple[Segmenter, str]:
-    kwargs: dict[str, Any] = dict(device=args.device, classes="car")
+    kwargs: dict[str, Any] = dict(device=args.device, classes="car", threads=args.threads)
     if args.model.lower().endswith(".onnx"):
         return Segmenter(args.model, **kwargs), "onnx file"
     kwargs.update(precision=args.precision, channels_last=not args.no_channels_last)
@@ -653,7 +653,10 @@ def build_segmenter(args) -> tuple[Segmenter, str]:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / weights_for(args.model).url.rsplit("/", 1)[-1]
     if cached.is_file():
         return Segmenter(args.model, **kwargs), "pretrained (torchvision cache)"
-    return Segmenter(args.model, pretrained=False, **kwargs), "random init (no pretrained weights here; same speed)"
+    # Seeded: how many pixels lie on class borders (the per-pixel part of the label maps' cost)
+    # depends on the weights, so every run measures the same random model.
+    torch.manual_seed(0)
+    return Segmenter(args.model, pretrained=False, **kwargs), "random init, seed 0 (no pretrained weights here)"
 
 
 def parse_args(argv):
@@ -668,6 +671,7 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="torch models: default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--batch", type=int, help="frames per model call in (a) and (b) (default: as the CLI picks: 4 on CUDA, else 1)")
+    p.add_argument("--threads", type=int, help="CPU threads for the model, as the CLI's --threads (default: all cores)")
     p.add_argument("--no-channels-last", action="store_true", help="torch models: contiguous NCHW in (a) and (b)")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--skip-naive", action="store_true", help="do not run (c)")

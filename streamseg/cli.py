@@ -251,6 +251,7 @@ def _segmenter(opts: Options):
         classes=opts.classes,
         weights=opts.weights,
         precision=opts.precision,
+        threads=opts.threads,
         **kwargs,
         **({"compile": True} if opts.compile else {}),
     )

@@ -89,6 +89,10 @@ class Options:
             help="model precision (default: fp16 on CUDA, fp32 on CPU)",
         ),
     )
+    threads: Optional[int] = field(
+        default=None,
+        metadata=_opt("--threads", metavar="N", help="CPU threads for the model (default: all cores)"),
+    )
     compile: bool = field(default=False, metadata=_opt("--compile", help="torch.compile the model (CUDA; slow first frames)"))
     input_size: Optional[str] = field(
         default=None,
@@ -140,6 +144,8 @@ class Options:
             raise ValueError(f"--stride must be 1 or more, got {self.stride}")
         if self.batch is not None and self.batch < 1:
             raise ValueError(f"--batch must be 1 or more, got {self.batch}")
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            raise ValueError(f"--threads must be 1 or more, got {self.threads}")
         if not 0 <= self.crf <= 51:
             raise ValueError(f"--crf must be between 0 and 51, got {self.crf}")
         if self.reconnect < 0:

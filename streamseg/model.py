@@ -290,6 +290,7 @@ class OnnxModel:
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
         categories: Optional[Sequence[str]] = None,
+        threads: Optional[int] = None,
     ):
         import onnxruntime as ort
 
@@ -304,7 +305,8 @@ class OnnxModel:
             device = torch.device("cpu")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = os.cpu_count() or 1
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        self.threads = opts.intra_op_num_threads
         # No busy-waiting between operators: in a video run, decoding and encoding threads share
         # the cores, and spinning workers took their time (end to end 20 -> 26 frames/s on 2 cores).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -48,15 +48,17 @@ class Segmenter:
         categories: Optional[Sequence[str]] = None,
         channels_last: bool = True,
         compile: bool = False,
+        threads: Optional[int] = None,
     ):
         dev = resolve_device(device)
-        _configure_threads(dev)
+        threads = _configure_threads(dev, threads)
         if model.lower().endswith(".onnx"):
             if weights is not None:
                 raise UsageError("--weights applies to torchvision models, not to ONNX files")
             try:
                 self.model: Union[TorchModel, OnnxModel] = OnnxModel(
-                    model, device=dev, input_size=input_size, mean=mean, std=std, categories=categories
+                    model, device=dev, input_size=input_size, mean=mean, std=std, categories=categories,
+                    threads=threads,
                 )
             except ValueError as exc:  # metadata that does not parse
                 raise ModelLoadError(f"ONNX model '{model}': {exc}") from exc
@@ -87,22 +89,26 @@ class Segmenter:
 
     def segment_batch(self, frames: Sequence[Union[np.ndarray, Frame]]) -> list[Segmentation]:
         """Segment frames of one size in one model call."""
+        return self.infer(frames).result()
+
+    def infer(self, frames: Sequence[Union[np.ndarray, Frame]]) -> "PendingSegmentation":
+        """The model's part of `segment_batch`: preprocessing and the forward pass. The label maps
+        are made by the returned object's `result()`, which a video pipeline calls in another
+        thread, so that the model's thread runs nothing but the model."""
         frames = [f if isinstance(f, Frame) else Frame(image=_check_image(f), index=i, timestamp_s=0.0) for i, f in enumerate(frames)]
-        images = [f.image for f in frames]
-        labels = self.labels(images)
-        return [
-            Segmentation(frame=f, labels=lab, categories=self.categories, selected=self.selected)
-            for f, lab in zip(frames, labels)
-        ]
+        return PendingSegmentation(self, frames, self._logits([f.image for f in frames]))
 
     def labels(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(H, W, 3) uint8 BGR images of one size -> (H, W) uint8 label maps at that size."""
+        # Bilinear logits at the frame's size, argmax; on a GPU on the device, then one download.
+        return labels_at(self._logits(images), images[0].shape[:2])
+
+    def _logits(self, images: Sequence[np.ndarray]):
         m = self.model
         use_cl = isinstance(m, TorchModel) and m.channels_last
         dtype = m.dtype if isinstance(m, TorchModel) else torch.float32
         x = to_input(images, m.spec, device=m.device, dtype=dtype, channels_last=use_cl)
-        # Bilinear logits at the frame's size, argmax; on a GPU on the device, then one download.
-        return labels_at(m.logits(x), images[0].shape[:2])
+        return m.logits(x)
 
 
     def render(self, frames: Sequence[Frame], painter, *, on_device: Optional[bool] = None) -> list[tuple[Segmentation, np.ndarray]]:
@@ -141,22 +147,43 @@ class Segmenter:
         ]
 
 
+class PendingSegmentation:
+    """Frames whose logits are computed and whose label maps are not made yet (`Segmenter.infer`)."""
+
+    def __init__(self, segmenter: Segmenter, frames: list[Frame], logits: torch.Tensor):
+        self._segmenter = segmenter
+        self._frames = frames
+        self._logits: Optional[torch.Tensor] = logits
+        self._result: Optional[list[Segmentation]] = None
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def result(self) -> list[Segmentation]:
+        """One `Segmentation` per frame, made on the first call (by one thread at a time)."""
+        if self._result is None:
+            seg = self._segmenter
+            labels = labels_at(self._logits, self._frames[0].image.shape[:2])
+            self._result = [
+                Segmentation(frame=f, labels=lab, categories=seg.categories, selected=seg.selected)
+                for f, lab in zip(self._frames, labels)
+            ]
+            self._logits = None  # the logits' memory goes as soon as the maps exist
+        return self._result
+
+
 def _check_image(image: np.ndarray) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError("expected a (H, W, 3) uint8 BGR array")
     return image
 
 
-_threads_set = False
-
-
-def _configure_threads(device: torch.device) -> None:
-    """One owner for the CPU cores: torch's intra-op pool gets them; OpenCV's own pool, which
-    would fight it on a 2-core machine, is limited to one thread."""
-    global _threads_set
-    if _threads_set:
-        return
-    _threads_set = True
+def _configure_threads(device: torch.device, threads: Optional[int]) -> int:
+    """One owner for the CPU cores: the model's intra-op pool gets `threads` of them (default:
+    all); OpenCV's own pool, which would fight it on a 2-core machine, is limited to one thread.
+    Returns the model's thread count."""
+    threads = threads or max(1, os.cpu_count() or 1)
     if device.type == "cpu":
         cv2.setNumThreads(1)
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(threads)
+    return threads

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import cv2
 import numpy as np
@@ -109,6 +109,8 @@ class _Item:
     labels: Optional[np.ndarray] = None  # set on segmented frames
     seg: Optional[Segmentation] = None
     overlay: Optional[np.ndarray] = None  # painted on the device (CUDA fast path)
+    pending: Optional[Any] = None  # the model's answer, label maps still to make (PendingSegmentation)
+    position: int = 0  # this frame's place in `pending`
 
 
 class _Slot:
@@ -245,12 +247,18 @@ class VideoPipeline:
                 # CUDA: segmented and painted on the device, one download per frame.
                 for it, (seg, overlay) in zip(todo, self.segmenter.render([it.frame for it in todo], self.painter, on_device=True)):
                     it.labels, it.seg, it.overlay = seg.labels, seg, overlay
+            elif todo and hasattr(self.segmenter, "infer"):
+                # Only the model runs here; the output stage makes the label maps, so the two
+                # stages share the work rather than this one doing both.
+                answer = self.segmenter.infer([it.frame for it in todo])
+                for k, it in enumerate(todo):
+                    it.pending, it.position = answer, k
             elif todo:
                 segs = self.segmenter.segment_batch([it.frame for it in todo])
                 for it, seg in zip(todo, segs):
                     it.labels, it.seg = seg.labels, seg
-                self._segmented += len(todo)
-                todo.clear()
+            self._segmented += len(todo)
+            todo.clear()
             for it in pending:
                 if not _put(out, it, self.stop):
                     return False
@@ -372,6 +380,9 @@ class VideoPipeline:
             if item.index > expected:
                 self._fill(expected, item.index)
             expected = item.index + 1
+            if item.pending is not None:
+                item.seg = item.pending.result()[item.position]
+                item.labels, item.pending = item.seg.labels, None
             if item.seg is not None:
                 last = item.labels
                 self._record(item.seg)

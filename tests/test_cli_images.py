@@ -384,6 +384,9 @@ ERROR_CASES = [
     (("@good", "--mean", "1,2,3"), 2, "ONNX"),
     (("@good", "-m", "@onnx", "--weights", "@good"), 2, "--weights"),
     (("@good", "-m", "@onnx", "--stride", "0"), 2, "--stride"),
+    (("@good", "-m", "@onnx", "--threads", "0"), 2, "--threads"),
+    (("@good", "-m", "@onnx", "--crf", "60"), 2, "--crf"),
+    (("@good", "-m", "@onnx", "--preset", "warp"), 2, "warp"),
     (("@good", "-m", "@onnx", "-o", "blocker"), 1, "blocker"),  # the output directory is a file
     (("@good", "-m", "@onnx", "-o", "blocker/sub"), 1, "blocker/sub"),  # ... or below a file
 ]

@@ -99,11 +99,25 @@ class _Collect:
 def test_pipeline_paints_on_device_like_on_the_cpu(segmenter, stride):
     painter = Painter(selected=segmenter.selected, palette=segmenter.palette, alpha=0.5)
     results = []
+    rendered = []
+    render = segmenter.render
+
+    def counting_render(frames, *args, **kwargs):
+        rendered.extend(f.index for f in frames)
+        return render(frames, *args, **kwargs)
+
     for on_device in (False, True):
         out = _Collect()
         settings = VideoSettings(stride=stride, batch=3, paint_on_device=on_device)
-        VideoPipeline(_Frames(10), segmenter, VideoOutputs(writer=out), settings, painter=painter).run()
+        segmenter.render = counting_render
+        try:
+            report = VideoPipeline(_Frames(10), segmenter, VideoOutputs(writer=out), settings, painter=painter).run()
+        finally:
+            del segmenter.render
         results.append(out.frames)
+        # Each frame to segment goes to the model once, whichever path paints it.
+        assert report.frames_segmented == len(range(0, 10, stride))
+    assert rendered == list(range(0, 10, stride))
     assert len(results[0]) == len(results[1]) == 10
     for a, b in zip(*results):
         # Equal to +-1 but for the rare pixel where two classes tie (see the test above).

@@ -85,6 +85,17 @@ def test_labels_match_the_classic_two_step_route(lraspp):
     assert (lraspp(frame).labels == classic).mean() > 0.97
 
 
+def test_infer_then_result_is_segment_batch(lraspp):
+    """The two halves a video pipeline runs in different threads give segment_batch's answer."""
+    a, b = _frame(40, 40, seed=1), _frame(40, 40, seed=2)
+    pending = lraspp.infer([a, b])
+    assert len(pending) == 2
+    first = pending.result()
+    assert pending.result() is first  # made once
+    for seg, want in zip(first, lraspp.segment_batch([a, b])):
+        assert np.array_equal(seg.labels, want.labels)
+
+
 def test_frames_and_batches(lraspp):
     a, b = _frame(40, 40, seed=1), _frame(40, 40, seed=2)
     both = lraspp.segment_batch([a, b])
