@@ -50,7 +50,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-import streamseg  # noqa: E402,F401  first: any process-wide setting it makes must precede torch's import
+import streamseg  # noqa: E402,F401
+from streamseg.cli import configure_process  # noqa: E402
+
+# The command's process-wide settings, before torch loads: (a) and (b) run as `streamseg` runs.
+# (c), the naive loop, runs in a child process with the environment as found (START_ENV).
+configure_process()
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

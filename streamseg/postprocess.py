@@ -91,18 +91,36 @@ def _labels_cpu(planes: np.ndarray, height: int, width: int) -> np.ndarray:
     if cell_y.size == 0:
         return out
     rows, cols = _cell_pixels(ys.start[cell_y], ys.stop[cell_y], xs.start[cell_x], xs.stop[cell_x])
-    per_pixel = np.ascontiguousarray(planes.transpose(1, 2, 0))  # (h, w, C): one row per gather
+    if rows.size < h * w // 4:
+        # Few border pixels (real video): gather from the planes as they are.
+        for begin in range(0, rows.size, _CHUNK):
+            r, c = rows[begin : begin + _CHUNK], cols[begin : begin + _CHUNK]
+            out[r, c] = _argmax_planes(_mix(planes, ys, xs, r, c, channels_first=True))
+        return out
+    # Many (noise, or an untrained model): one pass to (h, w, C) makes each gather one read.
+    per_pixel = np.ascontiguousarray(planes.transpose(1, 2, 0))
     for begin in range(0, rows.size, _CHUNK):
         r, c = rows[begin : begin + _CHUNK], cols[begin : begin + _CHUNK]
-        y0, y1, fy = ys.lo[r], ys.hi[r], ys.frac[r, None]
-        x0, x1, fx = xs.lo[c], xs.hi[c], xs.frac[c, None]
-        top = per_pixel[y0, x0]  # (n, C): fancy indexing copies, so the updates below are private
-        top += (per_pixel[y0, x1] - top) * fx
-        bottom = per_pixel[y1, x0]
-        bottom += (per_pixel[y1, x1] - bottom) * fx
-        top += (bottom - top) * fy
-        out[r, c] = top.argmax(1)
+        out[r, c] = _mix(per_pixel, ys, xs, r, c, channels_first=False).argmax(1)
     return out
+
+
+def _mix(values: np.ndarray, ys: _Axis, xs: _Axis, r: np.ndarray, c: np.ndarray, *, channels_first: bool) -> np.ndarray:
+    """Bilinear mix of the logits at output pixels (r, c): from (C, h, w) planes -> (C, n), or
+    from (h, w, C) per-pixel rows -> (n, C)."""
+    y0, y1, fy = ys.lo[r], ys.hi[r], ys.frac[r]
+    x0, x1, fx = xs.lo[c], xs.hi[c], xs.frac[c]
+    if channels_first:
+        at = lambda y, x: values[:, y, x]  # noqa: E731
+    else:
+        at = lambda y, x: values[y, x]  # noqa: E731
+        fy, fx = fy[:, None], fx[:, None]
+    top = at(y0, x0)  # fancy indexing copies, so the updates below are private
+    top += (at(y0, x1) - top) * fx
+    bottom = at(y1, x0)
+    bottom += (at(y1, x1) - bottom) * fx
+    top += (bottom - top) * fy
+    return top
 
 
 def _argmax_planes(planes: np.ndarray) -> np.ndarray:

@@ -91,24 +91,31 @@ class Segmenter:
         """Segment frames of one size in one model call."""
         return self.infer(frames).result()
 
-    def infer(self, frames: Sequence[Union[np.ndarray, Frame]]) -> "PendingSegmentation":
-        """The model's part of `segment_batch`: preprocessing and the forward pass. The label maps
-        are made by the returned object's `result()`, which a video pipeline calls in another
-        thread, so that the model's thread runs nothing but the model."""
+    def infer(
+        self, frames: Sequence[Union[np.ndarray, Frame]], *, prepared: Optional[Sequence[torch.Tensor]] = None
+    ) -> "PendingSegmentation":
+        """The model's part of `segment_batch`: the forward pass, after `prepare` unless the
+        frames come `prepared` already (one `prepare` result per frame, or one for all). The label maps are made by the returned object's
+        `result()`. A video pipeline runs the three parts in three threads, so that the model's
+        thread runs nothing but the model."""
         frames = [f if isinstance(f, Frame) else Frame(image=_check_image(f), index=i, timestamp_s=0.0) for i, f in enumerate(frames)]
-        return PendingSegmentation(self, frames, self._logits([f.image for f in frames]))
+        if prepared is None:
+            x = self.prepare([f.image for f in frames])
+        else:
+            x = prepared[0] if len(prepared) == 1 else torch.cat(list(prepared))
+        return PendingSegmentation(self, frames, self.model.logits(x))
+
+    def prepare(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(H, W, 3) uint8 BGR images of one size -> the model's normalised input on its device."""
+        m = self.model
+        use_cl = isinstance(m, TorchModel) and m.channels_last
+        dtype = m.dtype if isinstance(m, TorchModel) else torch.float32
+        return to_input(images, m.spec, device=m.device, dtype=dtype, channels_last=use_cl)
 
     def labels(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(H, W, 3) uint8 BGR images of one size -> (H, W) uint8 label maps at that size."""
         # Bilinear logits at the frame's size, argmax; on a GPU on the device, then one download.
-        return labels_at(self._logits(images), images[0].shape[:2])
-
-    def _logits(self, images: Sequence[np.ndarray]):
-        m = self.model
-        use_cl = isinstance(m, TorchModel) and m.channels_last
-        dtype = m.dtype if isinstance(m, TorchModel) else torch.float32
-        x = to_input(images, m.spec, device=m.device, dtype=dtype, channels_last=use_cl)
-        return m.logits(x)
+        return labels_at(self.model.logits(self.prepare(images)), images[0].shape[:2])
 
 
     def render(self, frames: Sequence[Frame], painter, *, on_device: Optional[bool] = None) -> list[tuple[Segmentation, np.ndarray]]:

@@ -109,6 +109,7 @@ class _Item:
     labels: Optional[np.ndarray] = None  # set on segmented frames
     seg: Optional[Segmentation] = None
     overlay: Optional[np.ndarray] = None  # painted on the device (CUDA fast path)
+    prepared: Optional[Any] = None  # the model's input (torch.Tensor), made by the capture thread
     pending: Optional[Any] = None  # the model's answer, label maps still to make (PendingSegmentation)
     position: int = 0  # this frame's place in `pending`
 
@@ -193,6 +194,9 @@ class VideoPipeline:
         device = getattr(getattr(segmenter, "device", None), "type", None)
         on_device = settings.paint_on_device if settings.paint_on_device is not None else device == "cuda"
         self._paint_on_device = bool(on_device and hasattr(segmenter, "render"))
+        # Elsewhere the capture thread also preprocesses the frames the model will see, and the
+        # output stage makes the label maps: the model's thread runs the model and nothing else.
+        self._prepare_early = not self._paint_on_device and hasattr(segmenter, "prepare") and hasattr(segmenter, "infer")
         self._errors: list[BaseException] = []
         self._read = 0
         self._segmented = 0
@@ -224,6 +228,8 @@ class VideoPipeline:
                     if frame is None:
                         break
                     item = _Item(frame=frame, index=frame.index)
+                    if self._prepare_early and frame.index % stride == 0:
+                        item.prepared = self.segmenter.prepare([frame.image])
                 else:
                     # grab() skips the colour conversion of a frame nobody will look at.
                     skipped = self.source.grab()
@@ -250,9 +256,11 @@ class VideoPipeline:
             elif todo and hasattr(self.segmenter, "infer"):
                 # Only the model runs here; the output stage makes the label maps, so the two
                 # stages share the work rather than this one doing both.
-                answer = self.segmenter.infer([it.frame for it in todo])
+                inputs = [it.prepared for it in todo]
+                prepared = None if any(x is None for x in inputs) else inputs
+                answer = self.segmenter.infer([it.frame for it in todo], prepared=prepared)
                 for k, it in enumerate(todo):
-                    it.pending, it.position = answer, k
+                    it.pending, it.position, it.prepared = answer, k, None
             elif todo:
                 segs = self.segmenter.segment_batch([it.frame for it in todo])
                 for it, seg in zip(todo, segs):
