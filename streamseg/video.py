@@ -117,8 +117,9 @@ class _Item:
 class _Slot:
     """A one-item mailbox: put() replaces what is there (latest-frame policy)."""
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
+    def __init__(self, cond: Optional[threading.Condition] = None) -> None:
+        # Slots may share one condition, so that a reader can wait on several (`_wait_either`).
+        self._cond = cond or threading.Condition()
         self._item = None
         self._version = 0
         self._closed = False
@@ -142,6 +143,23 @@ class _Slot:
                     return None
                 self._cond.wait(_POLL_S)
             return self._version, self._item
+
+
+def _wait_either(frames: _Slot, version: int, masks: _Slot, mask_version: Optional[int], stop: threading.Event):
+    """Wait for a frame newer than `version` or, unless mask_version is None, a mask newer than
+    `mask_version` (the slots share one condition). Returns (frame or None, mask or None) as
+    (version, item) pairs; None once `frames` is closed and drained, or on stop."""
+    with frames._cond:
+        while True:
+            frame = (frames._version, frames._item) if frames._version > version else None
+            mask = None
+            if mask_version is not None and masks._version > mask_version:
+                mask = (masks._version, masks._item)
+            if frame is not None or mask is not None:
+                return frame, mask
+            if frames._closed or stop.is_set():
+                return None
+            frames._cond.wait(_POLL_S)
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
@@ -180,6 +198,7 @@ class VideoPipeline:
         painter: Painter,
         stop: Optional[threading.Event] = None,
         on_frame: Optional[Callable[[int], None]] = None,
+        on_show: Optional[Callable[[int], None]] = None,
     ):
         self.source = source
         self.segmenter = segmenter
@@ -187,7 +206,8 @@ class VideoPipeline:
         self.settings = settings
         self.painter = painter
         self.stop = stop or threading.Event()
-        self.on_frame = on_frame
+        self.on_frame = on_frame  # each source frame, once it is written and shown
+        self.on_show = on_show  # each image handed to the window, with the index of its frame
         self.live = source.info.live
         # Painting next to the model pays off where the frames already sit on a GPU; on the CPU
         # the output thread paints in parallel with the model instead.
@@ -331,7 +351,8 @@ class VideoPipeline:
         threads: list[threading.Thread] = []
         try:
             if self.live:
-                frames, for_output, masks = _Slot(), _Slot(), _Slot()
+                shared = threading.Condition()  # the output stage waits on a new frame or a new mask
+                frames, for_output, masks = _Slot(), _Slot(shared), _Slot(shared)
                 threads = [
                     threading.Thread(target=self._guard(lambda: self._capture_live(frames, for_output)), name="streamseg-capture", daemon=True),
                     threading.Thread(target=self._guard(lambda: self._segment_live(frames, masks)), name="streamseg-segment", daemon=True),
@@ -417,21 +438,33 @@ class VideoPipeline:
         version, mask_version = 0, 0
         last_index = -1
         last: Optional[np.ndarray] = None
+        frame: Optional[Frame] = None
         shown = _Rate()
+        # With a window, a new mask is shown at once on the frame on screen, rather than with the
+        # next frame (up to one frame interval later); recordings get source frames only.
+        redraw = self.outputs.window is not None
         while True:
-            got = frames.get_newer(version, self.stop)
+            got = _wait_either(frames, version, masks, mask_version if redraw and frame is not None else None, self.stop)
             if got is None:
                 if self.stop.is_set() and not self._errors and self._ended == "end":
                     self._ended = "stopped"
                 return
-            version, frame = got
+            new_frame, new_mask = got
+            if new_mask is None:
+                new_mask = masks.get_newer(mask_version, _SET)
+            if new_mask is not None:
+                mask_version, seg = new_mask
+                last = seg.labels
+            if new_frame is None:
+                if frame is not None and self._present(frame, last, shown, write=False) == "quit":
+                    self._ended = "quit"
+                    self.stop.set()
+                    return
+                continue
+            version, frame = new_frame
             if last_index >= 0 and frame.index > last_index + 1:
                 self._dropped += frame.index - last_index - 1
             last_index = frame.index
-            newer = masks.get_newer(mask_version, _SET)
-            if newer is not None:
-                mask_version, seg = newer
-                last = seg.labels
             if self.outputs.needs_pixels and self._present(frame, last, shown) == "quit":
                 self._ended = "quit"
                 self.stop.set()
@@ -448,7 +481,8 @@ class VideoPipeline:
             )
 
     def _present(
-        self, frame: Frame, labels: Optional[np.ndarray], rate: "_Rate", *, painted: Optional[np.ndarray] = None
+        self, frame: Frame, labels: Optional[np.ndarray], rate: "_Rate", *, painted: Optional[np.ndarray] = None,
+        write: bool = True,
     ) -> Optional[str]:
         image = frame.image
         if labels is not None and labels.shape == image.shape[:2]:
@@ -459,7 +493,7 @@ class VideoPipeline:
         else:
             # Before the first mask (live) or after a resolution change: the frame as it is.
             overlay = image
-        writer = self.outputs.writer
+        writer = self.outputs.writer if write else None
         if writer is not None:
             if overlay.shape[1] != writer.width or overlay.shape[0] != writer.height:
                 overlay = cv2.resize(overlay, (writer.width, writer.height), interpolation=cv2.INTER_AREA)
@@ -468,7 +502,10 @@ class VideoPipeline:
         window = self.outputs.window
         if window is None:
             return None
-        action = window.show(overlay, fps=rate.tick())
+        # The title's rate counts source frames shown, not redraws for a new mask.
+        action = window.show(overlay, fps=rate.tick() if write else None)
+        if self.on_show is not None:
+            self.on_show(frame.index)
         while action in ("pause", "snapshot"):
             if action == "snapshot":
                 path = self.outputs.snapshot_dir / f"streamseg_snapshot_{frame.index:06d}.png"

@@ -331,7 +331,8 @@ def test_live_preview_shows_recent_frames_without_backlog(tiny_segmenter: Segmen
     assert elapsed < 6, "the run did not keep pace with the source"
     assert report.frames_dropped > 0  # the display cannot show 200 fps: older frames were replaced
     shown = [i for i, _ in ages]
-    assert display.shown == len(shown) and shown == sorted(set(shown))
+    # Every source frame shown once, plus at most one redraw per mask (shown as soon as it is ready).
+    assert len(shown) <= display.shown <= len(shown) + report.frames_segmented and shown == sorted(set(shown))
     assert len(shown) + report.frames_dropped == shown[-1] - shown[0] + 1
     # No backlog: what is on screen is never much older than one display refresh, and does not
     # drift older over time (a queue would make it grow to seconds).
@@ -347,6 +348,48 @@ def test_live_preview_shows_recent_frames_without_backlog(tiny_segmenter: Segmen
     live_ages = [age for index, age in model.input_ages if index < camera.n - 1]
     assert max(live_ages) < 0.15, " ".join(f"{a:.3f}" for a in live_ages)
     assert streamseg_threads() == []
+
+
+class TimedSegmenter(SlowSegmenter):
+    """SlowSegmenter that also notes when each mask was ready."""
+
+    def __init__(self, inner: Segmenter, delay_s: float) -> None:
+        super().__init__(inner, delay_s)
+        self.ready: list[float] = []
+
+    def segment_batch(self, frames):
+        out = super().segment_batch(frames)
+        self.ready.append(time.monotonic())
+        return out
+
+
+class Recorder:
+    width, height = 64, 48
+
+    def __init__(self) -> None:
+        self.frames_written = 0
+
+    def write(self, image: np.ndarray) -> None:
+        self.frames_written += 1
+
+
+def test_a_new_mask_is_on_screen_at_once_not_with_the_next_frame(tiny_segmenter: Segmenter) -> None:
+    """A slow camera (5 fps) and a slow model: each finished mask is drawn on the frame on screen
+    straight away, instead of up to one frame interval (200 ms) later; the recording still gets
+    exactly one image per source frame."""
+    camera = SyntheticCamera(n=15, fps=5)
+    model = TimedSegmenter(tiny_segmenter, delay_s=0.13)
+    display, recorder = Display(), Recorder()
+    shows: list[float] = []
+    report = VideoPipeline(camera, model, VideoOutputs(window=display, writer=recorder), VideoSettings(),
+                           painter=painter_for(tiny_segmenter), on_show=lambda index: shows.append(time.monotonic())).run()
+    assert report.ended == "end" and report.frames_read == 15
+    assert recorder.frames_written == 15  # redraws go to the window only
+    assert display.shown == len(shows) > 15
+    delays = []
+    for ready in model.ready[:-1]:  # the last mask may come after the source ended
+        delays.append(min(t for t in shows if t >= ready) - ready)
+    assert max(delays) < 0.08, " ".join(f"{d:.3f}" for d in delays)
 
 
 def test_long_live_stream_memory_and_threads(mjpeg_server, tiny_segmenter: Segmenter, tmp_path: Path) -> None:
