@@ -529,7 +529,9 @@ def _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals) -> in
         if out is not None and report.frames_written:
             if skipped:
                 corrupt += " (previous overlay repeated)"
-            print(f"wrote {out}: {report.frames_written} frames ({writer.codec}), {report.frames_segmented} segmented{corrupt}")
+            rate = f"{float(writer.rate):.3f}".rstrip("0").rstrip(".")
+            print(f"wrote {out}: {report.frames_written} frames at {rate} fps ({writer.codec}), "
+                  f"{report.frames_segmented} segmented{corrupt}")
         else:
             print(f"{report.frames_read} frames read, {report.frames_segmented} segmented{corrupt}")
     if report.frames_dropped and info.live:

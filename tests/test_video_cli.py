@@ -130,8 +130,8 @@ def run_cli(*args: str | Path, cwd: Path, timeout: float = 180) -> subprocess.Co
 
 
 def wrote_count(stdout: str, name: str) -> int:
-    """N from the CLI's final line `wrote NAME: N frames (...)`."""
-    m = re.search(rf"^wrote (.*{re.escape(name)}): (\d+) frames \(", stdout, re.M)
+    """N from the CLI's final line `wrote NAME: N frames at F fps (...)`."""
+    m = re.search(rf"^wrote (.*{re.escape(name)}): (\d+) frames at [\d.]+ fps \(", stdout, re.M)
     assert m, f"no 'wrote ...{name}: N frames' line in stdout:\n{stdout}"
     return int(m.group(2))
 
