@@ -115,8 +115,9 @@ class Options:
         metadata=_opt(
             "--preset",
             choices=["auto", *X264_PRESETS],
-            help="video output: libx264 speed preset (default: auto = ultrafast when the model runs "
-            "on the CPU, veryfast on a GPU; slower presets make smaller files)",
+            metavar="NAME",
+            help="video output: libx264 speed preset, ultrafast ... veryslow (default: auto = ultrafast "
+            "when the model runs on the CPU, veryfast on a GPU; slower presets make smaller files)",
         ),
     )
     crf: int = field(
