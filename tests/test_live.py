@@ -199,7 +199,7 @@ def test_cli_records_stream_across_a_restart_and_stops_on_sigint(mjpeg_server, t
     assert proc.returncode == 130, stderr
     assert re.search(r"streamseg: warning: stream .* dropped .*reconnecting in \d+ s \(attempt 1/10\)", stderr), stderr
     assert "Traceback" not in stderr
-    m = re.search(r"^wrote rec\.mp4: (\d+) frames \(h264\)", stdout, re.M)
+    m = re.search(r"^wrote rec\.mp4: (\d+) frames at 25 fps \(h264\)", stdout, re.M)
     assert m, stdout
     with av.open(str(tmp_path / "rec.mp4")) as container:
         frames = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
