@@ -67,8 +67,25 @@ class _Formatter(logging.Formatter):
         return msg
 
 
+class _Handler(logging.StreamHandler):
+    """Writes to stderr; while a progress bar is drawn there, through tqdm.write, which clears
+    the bar, prints the line whole and redraws the bar. Log lines come from any thread (a
+    corrupt frame is reported by the capture thread while the output stage moves the bar), and
+    written directly they would land in the middle of the bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is None or not getattr(tqdm.tqdm, "_instances", None):
+            super().emit(record)
+            return
+        try:
+            tqdm.tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging must never raise into the caller
+            self.handleError(record)
+
+
 def _setup_logging(*, quiet: bool, debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Handler(sys.stderr)
     handler.setFormatter(_Formatter())
     root = logging.getLogger("streamseg")
     root.handlers[:] = [handler]

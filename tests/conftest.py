@@ -153,3 +153,19 @@ def random_onnx(path: Path, *, width: int = 64, height: int = 48) -> Path:
         entry.key, entry.value = key, value
     onnx.save(model, str(path))
     return path
+
+
+@pytest.fixture
+def mjpeg_server():
+    """Factory for loopback MJPEG cameras (tests/mjpeg.py); all are stopped after the test."""
+    from mjpeg import MjpegServer
+
+    servers: list = []
+
+    def make(**kwargs):
+        servers.append(MjpegServer(**kwargs))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop()

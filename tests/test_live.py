@@ -6,13 +6,11 @@ Only loopback addresses are used.
 """
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
 import signal
 import socket
-import socketserver
 import subprocess
 import sys
 import threading
@@ -21,7 +19,6 @@ from pathlib import Path
 from typing import Optional
 
 import av
-import cv2
 import numpy as np
 import psutil
 import pytest
@@ -45,91 +42,6 @@ needs_model = pytest.mark.skipif(not ONNX_MODEL.is_file(), reason=f"needs the sh
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class MjpegServer:
-    """multipart/x-mixed-replace JPEG stream on 127.0.0.1, as IP cameras serve MJPEG.
-
-    Each start() is a new "generation": its frames are a flat grey of levels[generation], so a
-    recording shows which frames came before and after a restart. fps=None sends as fast as the
-    client reads. stop() closes every connection; start() again reuses the same port.
-    """
-
-    def __init__(self, *, size: tuple[int, int] = (160, 120), fps: Optional[float] = 25.0,
-                 levels: tuple[int, ...] = (60, 190)) -> None:
-        width, height = size
-        # Encoded once: the server should cost the client process as little as possible.
-        self.parts = []
-        for level in levels:
-            ok, buf = cv2.imencode(".jpg", np.full((height, width, 3), level, np.uint8))
-            assert ok
-            data = buf.tobytes()
-            self.parts.append(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(data)
-                              + data + b"\r\n")
-        self.fps = fps
-        self.generation = -1
-        self.sent: list[int] = [0] * len(levels)  # frames sent per generation
-        self.port = 0
-        self._server: Optional[socketserver.TCPServer] = None
-        self._stopping = threading.Event()
-        self.start()
-
-    def start(self) -> None:
-        owner = self
-        self.generation += 1
-        generation = self.generation
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                part = owner.parts[generation]
-                while not owner._stopping.is_set():
-                    try:
-                        self.wfile.write(part)
-                    except OSError:  # the client went away
-                        return
-                    owner.sent[generation] += 1
-                    if owner.fps:
-                        time.sleep(1.0 / owner.fps)
-
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True  # restart on the same port while old sockets sit in TIME_WAIT
-
-        self._stopping.clear()
-        self._server = Server(("127.0.0.1", self.port), Handler)
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                         name="test-mjpeg-server", daemon=True).start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._stopping.set()  # handlers leave their loops; their connections close
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/video.mjpg"
-
-
-@pytest.fixture
-def mjpeg_server():
-    servers: list[MjpegServer] = []
-
-    def make(**kwargs) -> MjpegServer:
-        servers.append(MjpegServer(**kwargs))
-        return servers[-1]
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +78,7 @@ def painter_for(segmenter: Segmenter) -> Painter:
 
 @needs_model
 def test_cli_records_stream_across_a_restart_and_stops_on_sigint(mjpeg_server, tmp_path: Path) -> None:
-    server = mjpeg_server()
+    server = mjpeg_server(levels=(60, 190))  # grey 60 before the restart, 190 after
     proc = start_cli(server.url, "-o", "rec.mp4", "--no-show", "--model", ONNX_MODEL, "--stats", "live.jsonl",
                      cwd=tmp_path)
     err: list[str] = []

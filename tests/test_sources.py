@@ -2,11 +2,9 @@
 and a real MJPEG-over-HTTP server on 127.0.0.1. Nothing from cv2 is mocked."""
 from __future__ import annotations
 
-import http.server
 import logging
 import os
 import socket
-import socketserver
 import struct
 import threading
 import time
@@ -59,86 +57,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class MjpegServer:
-    """multipart/x-mixed-replace JPEG stream on 127.0.0.1, the way IP cameras serve MJPEG.
-
-    stall_first: the first connection sends that many frames, then goes silent (socket left open).
-    """
-
-    def __init__(self, port: int = 0, *, fps: float = 25.0, stall_first: int | None = None) -> None:
-        self.fps = fps
-        self.stall_first = stall_first
-        self.connections = 0
-        self.stopping = threading.Event()
-        self.release = threading.Event()  # ends a stall
-        self._server: socketserver.ThreadingTCPServer | None = None
-        self.port = port
-        self.start()
-
-    def start(self) -> None:
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:  # keep pytest output clean
-                pass
-
-            def do_GET(self) -> None:
-                owner.connections += 1
-                stall_after = owner.stall_first if owner.connections == 1 else None
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                i = 0
-                while not owner.stopping.is_set():
-                    if stall_after is not None and i >= stall_after:
-                        owner.release.wait(10)
-                        return
-                    ok, buf = cv2.imencode(".jpg", np.full((120, 160, 3), (i * 3) % 256, np.uint8))
-                    data = buf.tobytes()
-                    head = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(data)
-                    try:
-                        self.wfile.write(head + data + b"\r\n")
-                        self.wfile.flush()
-                    except OSError:
-                        return
-                    i += 1
-                    time.sleep(1.0 / owner.fps)
-
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True  # restart on the same port while old sockets sit in TIME_WAIT
-
-        self.stopping.clear()
-        self._server = Server(("127.0.0.1", self.port), Handler)
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self.stopping.set()  # handlers leave their loops and the connections close
-            self.release.set()
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/video.mjpg"
-
-
-@pytest.fixture
-def mjpeg_server():
-    servers: list[MjpegServer] = []
-
-    def make(**kwargs: object) -> MjpegServer:
-        servers.append(MjpegServer(**kwargs))
-        return servers[-1]
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 def warnings_from(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -337,3 +337,29 @@ def test_signal_finalises_partial_output(tmp_path: Path, sig: signal.Signals, co
     assert probe(tmp_path / "out.mp4")["rate"] == 25
     assert temp_leftovers(tmp_path) == []
     assert "Traceback" not in stderr
+
+
+def test_a_warning_from_another_thread_gets_its_own_line_under_the_progress_bar(capsys):
+    """The capture thread reports a corrupt frame while the output stage draws the progress bar
+    on the same stderr: the warning must not land in the middle of the bar's line."""
+    import logging
+    import threading
+
+    from tqdm import tqdm
+
+    from streamseg import cli
+
+    logger = logging.getLogger("streamseg")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    cli._setup_logging(quiet=False, debug=False)
+    try:
+        with tqdm(total=10, unit="frame", file=sys.stderr) as bar:
+            bar.update(3)
+            reporter = threading.Thread(target=lambda: logging.getLogger("streamseg.sources").warning("frame 12 is corrupt"))
+            reporter.start()
+            reporter.join()
+            bar.update(3)
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "streamseg: warning: frame 12 is corrupt" in lines, lines
