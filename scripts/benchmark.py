@@ -571,16 +571,21 @@ def live_run(seg: Segmenter, frames: list[np.ndarray], fps: float, *, seconds: f
         report = pipeline.run()
     t_start = min(source.captured.values()) + warmup_s
     frame_age, mask_age, at = [], [], []
+    fresh_age = []  # each mask's age when it first reaches the screen
     done = labeller.done
     j = -1
     for t, index in shown:
+        new_mask = False
         while j + 1 < len(done) and done[j + 1][0] <= t:
             j += 1
+            new_mask = True
         if t < t_start or j < 0:
             continue
         at.append(t - t_start)
         frame_age.append(t - source.captured[index])
         mask_age.append(t - source.captured[done[j][1]])
+        if new_mask:
+            fresh_age.append(mask_age[-1])
     if not mask_age:
         return {"error": "no frame was displayed with a mask"}
     late = [t for t in frames_out if t >= t_start]  # source frames out after the warm-up
@@ -605,6 +610,9 @@ def live_run(seg: Segmenter, frames: list[np.ndarray], fps: float, *, seconds: f
             "p95_first_half": ms(_pct(mask_age[:half] or mask_age, 0.95)),
             "p95_second_half": ms(_pct(mask_age[half:], 0.95)),
         },
+        # Each result's age at the moment it first appears: capture -> model -> screen.
+        "new_result_age_ms": {"median": ms(statistics.median(fresh_age)), "p95": ms(_pct(fresh_age, 0.95))}
+        if fresh_age else None,
         "target_ms": ms(infer + 2 * interval),
         **peak.fields(),
     }
@@ -827,6 +835,12 @@ def targets(r: dict) -> dict:
         check(f"stride_{n}_speedup", s["speedup"], s["target"], phases=(b, s))
     live = r.get("live", {})
     if "mask_age_ms" in live:
+        # The issue's wording: the displayed frame's age. Also the age of each result when it
+        # appears, and, strictest, the age of the result on screen at every display (which, for a
+        # model slower than the source, includes the whole wait for the next result).
+        check("live_p95_frame_age_ms", live["frame_age_ms"]["p95"], live["target_ms"], at_most=True)
+        if live.get("new_result_age_ms"):
+            check("live_p95_new_result_age_ms", live["new_result_age_ms"]["p95"], live["target_ms"], at_most=True)
         check("live_p95_age_ms", live["mask_age_ms"]["p95"], live["target_ms"], at_most=True)
     if "memory_check" in r:
         check("memory_growth_10x", r["memory_check"]["growth"], 0.10, at_most=True)
@@ -871,7 +885,9 @@ def print_table(r: dict) -> None:
             ma, fa = lv["mask_age_ms"], lv["frame_age_ms"]
             print(f"live ({lv['seconds']:g} s at {lv['source_fps']:g} fps): shown {lv['shown_fps']} fps, segment {lv['segment_ms_median']} ms; "
                   f"result age median {ma['median']} ms, p95 {ma['p95']} ms (halves {ma['p95_first_half']} / {ma['p95_second_half']}), "
-                  f"target p95 <= {lv['target_ms']} ms; frame age median {fa['median']} ms, p95 {fa['p95']} ms")
+                  f"target p95 <= {lv['target_ms']} ms; frame age median {fa['median']} ms, p95 {fa['p95']} ms"
+                  + (f"; a new result's age when it appears: median {lv['new_result_age_ms']['median']} ms, "
+                     f"p95 {lv['new_result_age_ms']['p95']} ms" if lv.get("new_result_age_ms") else ""))
     if r.get("targets"):
         print("targets: " + "; ".join(
             f"{k} {v['value']} ({'<=' if k.startswith(('live', 'memory')) else '>='} {v['bound']}): {'holds' if v['holds'] else 'MISSED'}"
