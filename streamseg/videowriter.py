@@ -355,6 +355,7 @@ class VideoWriter:
         # H.264 4:2:0 needs even sizes; padding by one pixel beats cropping or scaling the picture.
         self.output_size = (self.width + self.width % 2, self.height + self.height % 2)
         self.frames_written = 0
+        self._ending_on_error = False
         self._overwrite = overwrite
         self._closed = False
         self._failed: Optional[BaseException] = None
@@ -473,7 +474,10 @@ class VideoWriter:
             self._publish()
         finally:
             self._cleanup()
-        log.info("wrote %s: %d frames at %s fps (%s)", self.path, self.frames_written, self.rate, self.codec)
+        # After an error or Ctrl-C this line is the news that the video so far was kept; after a
+        # normal end the caller reports the run in its own words.
+        log.log(logging.INFO if self._ending_on_error else logging.DEBUG,
+                "wrote %s: %d frames at %s fps (%s)", self.path, self.frames_written, self.rate, self.codec)
 
     def abort(self) -> None:
         """Drop everything written so far and leave no file behind. Idempotent; a no-op after close()."""
@@ -513,6 +517,7 @@ class VideoWriter:
         if exc_type is None:
             self.close()
             return
+        self._ending_on_error = True
         try:
             self.close()  # keep the work done so far, see the class docstring
         except SinkError as error:

@@ -167,6 +167,7 @@ def test_output_keeps_timing_codec_and_audio(clips: dict[str, Path], tmp_path: P
     result = run_cli(src, "-o", "out.mp4", "--model", ONNX_MODEL, "--stats", "stats.jsonl", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert wrote_count(result.stdout, "out.mp4") == 36
+    assert "wrote " not in result.stderr  # the summary is said once, on stdout
 
     out = probe(tmp_path / "out.mp4")
     assert out["codec"] == "h264"
