@@ -216,7 +216,8 @@ class VideoPipeline:
         self._paint_on_device = bool(on_device and hasattr(segmenter, "render"))
         # Elsewhere the capture thread also preprocesses the frames the model will see, and the
         # output stage makes the label maps: the model's thread runs the model and nothing else.
-        self._prepare_early = not self._paint_on_device and hasattr(segmenter, "prepare") and hasattr(segmenter, "infer")
+        self._infer_apart = not self._paint_on_device and hasattr(segmenter, "infer")
+        self._prepare_early = self._infer_apart and hasattr(segmenter, "prepare")
         self._errors: list[BaseException] = []
         self._read = 0
         self._segmented = 0
@@ -273,7 +274,7 @@ class VideoPipeline:
                 # CUDA: segmented and painted on the device, one download per frame.
                 for it, (seg, overlay) in zip(todo, self.segmenter.render([it.frame for it in todo], self.painter, on_device=True)):
                     it.labels, it.seg, it.overlay = seg.labels, seg, overlay
-            elif todo and hasattr(self.segmenter, "infer"):
+            elif todo and self._infer_apart:
                 # Only the model runs here; the output stage makes the label maps, so the two
                 # stages share the work rather than this one doing both.
                 inputs = [it.prepared for it in todo]

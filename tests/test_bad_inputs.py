@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from conftest import _make_onnx
+from media import decoded_frames, encode_video
 
 VOC = (
     "__background__,aeroplane,bicycle,bird,boat,bottle,bus,car,cat,chair,cow,diningtable,dog,horse,"
@@ -39,24 +40,16 @@ HALF_FRAMES = 50  # frames in the MP4 that is then cut in half
 def _faststart_mp4(path: Path, *, n: int, width: int = 160, height: int = 120) -> Path:
     """An H.264 MP4 with its index (moov) in front, so that a copy cut anywhere after the index
     still opens and plays up to the cut, as a dashcam file cut short by a power loss does."""
-    with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "g": "10"}
-        rng = np.random.default_rng(1)
-        for i in range(n):
+    rng = np.random.default_rng(1)
+
+    def images():
+        for _ in range(n):
             image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)  # no two frames alike
             image[:, : width // 2, 2] = 250
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+            yield image
 
-
-def _decoded_frames(path: Path) -> int:
-    with av.open(str(path)) as container:
-        return sum(1 for _ in container.decode(video=0))
+    return encode_video(path, images(), width=width, height=height, options={"preset": "ultrafast", "g": "10"},
+                        container_format="mp4", container_options={"movflags": "+faststart"})
 
 
 class _RunsCode:
@@ -257,7 +250,7 @@ def test_bad_input(row: Row, inputs: Path, read_only_dir, run_cli, tmp_path: Pat
         assert list(ro.iterdir()) == []
 
     if row.id == "MP4 cut in half":
-        written = _decoded_frames(tmp_path / "out.mp4")
+        written = decoded_frames(tmp_path / "out.mp4")
         assert 0 < written < HALF_FRAMES
         assert f"wrote out.mp4: {written} frames" in proc.stdout
         assert len((tmp_path / "stats.jsonl").read_text().splitlines()) == written

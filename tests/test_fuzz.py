@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, _make_onnx
+from media import encode_video
 
 # No deadline: an example may load a model or start a process. The profile's max_examples is a
 # multiplier of each test's own count: 1 by default, 10 with STREAMSEG_FUZZ=thorough.
@@ -60,18 +61,10 @@ RUN_BOUND_S = 30  # no single run, however damaged its input, may take longer
 
 
 def _clip(path: Path, *, n: int = 6, width: int = 96, height: int = 64) -> Path:
-    with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "g": "3"}
-        rng = np.random.default_rng(2)
-        for _ in range(n):
-            image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    rng = np.random.default_rng(2)
+    images = (rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(n))
+    return encode_video(path, images, width=width, height=height, options={"preset": "ultrafast", "g": "3"},
+                        container_format="mp4", container_options={"movflags": "+faststart"})
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import av
 import cv2
 import numpy as np
 import pytest
 
 from conftest import ROOT, _make_onnx
+from media import decoded_frames, encode_video
 
 VOC = (
     "__background__,aeroplane,bicycle,bird,boat,bottle,bus,car,cat,chair,cow,diningtable,dog,horse,"
@@ -46,23 +46,13 @@ WORD = {signal.SIGINT: "streamseg: interrupted", signal.SIGTERM: "streamseg: ter
 
 def make_video(path: Path, *, n: int, width: int = 160, height: int = 120) -> Path:
     """H.264, 25 fps; frame i is flat grey at level 16 + 4 * (i % 55), with a red left half."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast"}
+    def images():
         for i in range(n):
             image = np.full((height, width, 3), 16 + 4 * (i % 55), np.uint8)
             image[:, : width // 2, 2] = 250
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+            yield image
 
-
-def decoded_frames(path: Path) -> int:
-    with av.open(str(path)) as container:
-        return sum(1 for _ in container.decode(video=0))
+    return encode_video(path, images(), width=width, height=height, options={"preset": "ultrafast"})
 
 
 class Child:
@@ -403,18 +393,9 @@ def test_signal_at_a_spread_of_moments(tiny, videos, tmp_path: Path) -> None:
 
 def noisy_video(path: Path, *, n: int, width: int = 320, height: int = 240) -> Path:
     """Frames of random noise: H.264 cannot shrink them much, so a file fills a disk quickly."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast"}
-        rng = np.random.default_rng(3)
-        for _ in range(n):
-            image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    rng = np.random.default_rng(3)
+    images = (rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(n))
+    return encode_video(path, images, width=width, height=height, options={"preset": "ultrafast"})
 
 
 def last_error(stderr: str) -> str:

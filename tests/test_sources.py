@@ -11,11 +11,11 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import pytest
 
+from media import encode_video
 from streamseg.sources import (
     IMAGE_SUFFIXES,
     SUPPORTED_SCHEMES,
@@ -36,16 +36,8 @@ STEP = 8  # frame i of a synthetic video is filled with grey level i * STEP
 def write_video(path: Path, *, n: int = 30, width: int = 641, height: int = 361,
                 rate: Fraction = Fraction(30000, 1001), codec: str = "libx264", pix_fmt: str = "yuv444p") -> Path:
     """A video whose frame i is a flat grey of level i * STEP (mod 256), written with PyAV."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        for i in range(n):
-            image = np.full((height, width, 3), (i * STEP) % 256, np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    images = (np.full((height, width, 3), (i * STEP) % 256, np.uint8) for i in range(n))
+    return encode_video(path, images, width=width, height=height, rate=rate, codec=codec, pix_fmt=pix_fmt)
 
 
 def grey_index(frame: Frame) -> int:
