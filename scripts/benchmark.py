@@ -65,7 +65,7 @@ from streamseg.model import MODELS, OnnxModel, TorchModel, weights_for  # noqa: 
 from streamseg.overlay import Painter  # noqa: E402
 from streamseg.preprocess import to_input  # noqa: E402
 from streamseg.segmenter import Segmenter  # noqa: E402
-from streamseg.sources import VideoSource  # noqa: E402
+from streamseg.sources import VideoSource, decode_threads_for  # noqa: E402
 from streamseg.types import Frame, Segmentation, VideoInfo  # noqa: E402
 from streamseg.video import VideoOutputs, VideoPipeline, VideoSettings  # noqa: E402
 from streamseg.videowriter import VideoWriter, auto_preset  # noqa: E402
@@ -325,7 +325,7 @@ def end_to_end(seg: Segmenter, video: Path, out: Path, *, n: int, stride: int, b
     painter = Painter(selected=seg.selected, palette=seg.palette, alpha=alpha)
     with Peak(seg.device) as peak:
         t0 = time.perf_counter()
-        with VideoSource(str(video)) as raw:
+        with VideoSource(str(video), decode_threads=decode_threads_for(seg.device.type)) as raw:
             source = LimitedSource(raw, n)
             info = source.info
             preset = auto_preset(seg.device.type)  # as the CLI picks it
@@ -338,6 +338,7 @@ def end_to_end(seg: Segmenter, video: Path, out: Path, *, n: int, stride: int, b
     return {
         "frames": report.frames_written,
         "segmented": report.frames_segmented,
+        "model_threads": seg.threads,  # as the run left them (see video._Balance)
         "seconds": round(elapsed, 3),
         "fps": report.frames_written / elapsed,
         "codec": writer.codec,
@@ -749,7 +750,7 @@ def run(args) -> dict:
             "precision": m.precision,
             "channels_last": bool(getattr(m, "channels_last", False)),
             "batch": batch,
-            "torch_threads": torch.get_num_threads(),
+            "threads": seg.threads,
             "opencv_threads": cv2.getNumThreads(),
         },
         "frames": args.frames,
@@ -764,9 +765,20 @@ def run(args) -> dict:
             need = max(need, 10 * (info.frame_count or args.frames))
         result["video"]["repeated_frames"] = repeat_video(args.video, long_video, need)
         runs_a, runs_b, runs_c = [], [], []
+        threads = seg.threads
+
+        def e2e(name: str, n: int, stride: int = 1) -> dict:
+            # Every (b) starts as the CLI starts: with the threads the segmenter was built with.
+            seg.set_threads(threads)
+            return end_to_end(seg, long_video, work / name, n=n, stride=stride, batch=batch, alpha=args.alpha)
+
         for r in range(args.repeat):
+            # (b) first: with the model on the CPU, a run may settle on fewer threads for the
+            # model (video._Balance); (a) then runs the model as (b) ran it.
+            runs_b.append(e2e("b.mp4", args.frames))
+            seg.set_threads(runs_b[-1]["model_threads"])
             runs_a.append(model_only(seg, frames, n=args.frames, warmup=args.warmup, batch=batch))
-            runs_b.append(end_to_end(seg, long_video, work / "b.mp4", n=args.frames, stride=1, batch=batch, alpha=args.alpha))
+            runs_a[-1]["model_threads"] = seg.threads
             if not args.skip_naive:
                 runs_c.append(naive_loop(seg, args.model, long_video, work / "c.mp4", work, n=args.frames, warmup=args.warmup))
         a, b = best(runs_a), best(runs_b)
@@ -785,7 +797,7 @@ def run(args) -> dict:
         if args.stride:
             strides = {}
             for n_stride in args.stride:
-                runs = [end_to_end(seg, long_video, work / f"s{n_stride}.mp4", n=args.frames, stride=n_stride, batch=batch, alpha=args.alpha) for _ in range(args.repeat)]
+                runs = [e2e(f"s{n_stride}.mp4", args.frames, n_stride) for _ in range(args.repeat)]
                 s = best(runs)
                 s["speedup"] = round(s["fps"] / b["fps"], 3)
                 s["target"] = round(0.9 * n_stride, 2)
@@ -793,8 +805,8 @@ def run(args) -> dict:
             result["stride"] = strides
         if args.memory_check:
             short = info.frame_count or args.frames
-            one = end_to_end(seg, long_video, work / "m1.mp4", n=short, stride=1, batch=batch, alpha=args.alpha)
-            ten = end_to_end(seg, long_video, work / "m10.mp4", n=10 * short, stride=1, batch=batch, alpha=args.alpha)
+            one = e2e("m1.mp4", short)
+            ten = e2e("m10.mp4", 10 * short)
             result["memory_check"] = {
                 "frames": [short, 10 * short],
                 "peak_rss_mb": [one["peak_rss_mb"], ten["peak_rss_mb"]],
@@ -802,6 +814,7 @@ def run(args) -> dict:
             }
         if args.live:
             live_frames = sample_frames(args.video, info.frame_count or 38)
+            seg.set_threads(threads)  # live runs keep the threads they are given
             result["live"] = live_run(seg, live_frames, info.fps, seconds=args.live_seconds, alpha=args.alpha)
             result["live"]["model_only_ms"] = round(1000 / a["fps"] * batch, 1) if batch == 1 else None
         if args.compare_onnx and isinstance(m, TorchModel):
@@ -856,7 +869,8 @@ def print_table(r: dict) -> None:
     print(f"video: {v['path']} {v['width']}x{v['height']} @ {v['fps']:g} fps, {r['frames']} frames per phase")
     print(f"model: {model['name']} ({model['backend']}, {model['weights']}) input {model['input_size']} on {model['device']}, "
           f"{model['precision']}, channels-last {model['channels_last']}, batch {model['batch']}, "
-          f"threads torch {model['torch_threads']} / opencv {model['opencv_threads']}")
+          f"model threads {model['threads']} / opencv {model['opencv_threads']}; "
+          f"(b) settled on {r['b_end_to_end']['model_threads']} model thread(s), (a) ran with {r['a_model_only']['model_threads']}")
     rows = [("(a) model only", r["a_model_only"]), ("(b) streamseg end to end", r["b_end_to_end"])]
     if "c_naive" in r:
         rows.append(("(c) naive loop", r["c_naive"]))

@@ -485,12 +485,14 @@ def _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals) -> in
 
     from .overlay import Painter
     from .sinks import JsonLines, MaskDir
-    from .sources import VideoSource
+    from .sources import VideoSource, decode_threads_for
     from .video import VideoOutputs, VideoPipeline, VideoSettings
 
     batch = opts.batch or (4 if segmenter.device.type == "cuda" and kind == "video" else 1)
     with ExitStack() as stack:
-        source = stack.enter_context(VideoSource(spec, reconnect=opts.reconnect, stop=stop))
+        source = stack.enter_context(
+            VideoSource(spec, reconnect=opts.reconnect, stop=stop, decode_threads=decode_threads_for(segmenter.device.type))
+        )
         info = source.info
         writer = window = None
         if out is not None:

@@ -91,7 +91,7 @@ class Options:
     )
     threads: Optional[int] = field(
         default=None,
-        metadata=_opt("--threads", metavar="N", help="CPU threads for the model (default: all cores)"),
+        metadata=_opt("--threads", metavar="N", help="CPU threads for the model (default: all cores, or one fewer where a video run finds that faster)"),
     )
     compile: bool = field(default=False, metadata=_opt("--compile", help="torch.compile the model (CUDA; slow first frames)"))
     input_size: Optional[str] = field(

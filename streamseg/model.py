@@ -303,17 +303,11 @@ class OnnxModel:
         elif device.type == "cuda":
             log.warning("onnxruntime has no CUDA provider here; running %s on the CPU", p.name)
             device = torch.device("cpu")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or os.cpu_count() or 1
-        self.threads = opts.intra_op_num_threads
-        # No busy-waiting between operators: in a video run, decoding and encoding threads share
-        # the cores, and spinning workers took their time (end to end 20 -> 26 frames/s on 2 cores).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(p), sess_options=opts, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, ...)
-            raise ModelLoadError(f"'{path}' is not a usable ONNX model: {_short(exc)}") from exc
+        self._ort = ort
+        self._path = p
+        self._providers = providers
+        self.threads = threads or os.cpu_count() or 1
+        self.session = self._session(self.threads)
         self.name = p.name
         self.device = device
         self.precision = "fp32"
@@ -323,6 +317,26 @@ class OnnxModel:
         self.fixed_batch = isinstance(inp.shape[0], int) and inp.shape[0] == 1
         self.categories, self.spec = _onnx_spec(path, meta, inp.shape, input_size, mean, std, categories)
         _check_onnx_shapes(path, inp.shape, self.session.get_outputs()[0].shape, self.spec, self.categories)
+
+    def _session(self, threads: int):
+        ort = self._ort
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads
+        # No busy-waiting between operators: in a video run, decoding and encoding threads share
+        # the cores, and spinning workers took their time (end to end 20 -> 26 frames/s on 2 cores).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            return ort.InferenceSession(str(self._path), sess_options=opts, providers=self._providers)
+        except Exception as exc:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, ...)
+            raise ModelLoadError(f"'{self._path}' is not a usable ONNX model: {_short(exc)}") from exc
+
+    def set_threads(self, threads: int) -> None:
+        """Run with `threads` intra-op threads from now on. onnxruntime fixes a session's thread
+        count when it is made, so this makes a new session (tens of ms for a small model)."""
+        if threads != self.threads:
+            self.session = self._session(threads)
+            self.threads = threads
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, h, w) normalised input -> (N, C, h', w') logits at the model's output size (CPU tensor)."""

@@ -51,6 +51,9 @@ class Segmenter:
         threads: Optional[int] = None,
     ):
         dev = resolve_device(device)
+        #: True when the caller left the model's thread count to streamseg (a video pipeline may
+        #: then give one core to the other stages, see `video._Balance`)
+        self.auto_threads = threads is None
         threads = _configure_threads(dev, threads)
         if model.lower().endswith(".onnx"):
             if weights is not None:
@@ -78,11 +81,23 @@ class Segmenter:
         self.selected: tuple[int, ...] = parse_classes(classes, self.categories)
         self.palette = make_palette(self.categories)
         self.device = self.model.device
+        #: the model's CPU threads (torch's intra-op pool, or onnxruntime's)
+        self.threads = threads
         self._tables = None  # the painter's colour tables on the device, uploaded once
 
     @property
     def spec(self):
         return self.model.spec
+
+    def set_threads(self, threads: int) -> None:
+        """Give the model `threads` CPU threads from now on (between two forward passes)."""
+        if threads < 1:
+            raise ValueError(f"threads must be 1 or more, got {threads}")
+        if isinstance(self.model, OnnxModel):
+            self.model.set_threads(threads)
+        elif self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.threads = threads
 
     def __call__(self, frame: Union[np.ndarray, Frame]) -> Segmentation:
         return self.segment_batch([frame])[0]
