@@ -91,26 +91,34 @@ class _Writer(Protocol):
 class _Balance:
     """How a file run with the model on the CPU shares the cores, settled early in the run.
 
-    By default the model gets every core: for most models the forward pass is the bulk of the
-    work, and its extra threads make it faster. With a light model, the rest of a frame's work
+    The model is the one stage that cannot be split or run ahead, so once this is settled the
+    capture and output threads give way to it (`_give_way`). What is settled first, at equal
+    priority, is how many threads the model gets. For most models the forward pass is the bulk
+    of the work and every core makes it faster. With a light model the rest of a frame's work
     (decode, preprocess, label map, blend, encode) is as large as the forward, and the model's
-    last thread costs more than it gives: the stages fight for the cores and the model waits its
-    turn. So a run tries both: after a warm-up it times the model's pace with every core, then
-    with one core fewer while the other stages give way to it (`_give_way`), and keeps the
-    faster. A model whose forward takes several times the rest of the work keeps every core
-    without a trial (on a 2-core machine: LR-ASPP, 6 times; every ResNet model). Measured there
-    with the 257x257 ONNX model on 720p video: 49 -> 54-57 frames/s.
+    last thread costs more than it gives: a second thread made the 257x257 ONNX model's forward
+    only 1.4 times faster for twice the CPU, CPU the other stages needed. So after a warm-up the
+    run times both over the same frames, the forward (wall time, per frame of the video) and the
+    CPU the rest takes per frame, and when the rest is at least `SHARE` of the forward, the model
+    keeps one core fewer.
 
-    Only a segmenter whose thread count the caller left to streamseg is changed; one given fewer
-    threads than there are cores has the other stages give way from the start. A thread's
-    priority cannot be raised again without privileges, so after a trial the model lost, the
-    other stages stay behind it; at that point the model is the larger cost anyway.
+    On a 2-core machine the rule falls where the arithmetic says one core fewer pays (the rest
+    above 2 x (1-thread forward - 2-thread forward)): the ONNX model on 720p video (rest/forward
+    about 0.9) gets one core, 49 -> 55-58 frames/s; LR-ASPP keeps both (0.15; 0.3 at --stride 2)
+    and gets one at --stride 4 (0.6, where both ways measure within noise of each other); every
+    ResNet model keeps both. Per-frame costs from one window are compared rather than frame
+    rates from two: the cost of decoding and encoding changes with the picture, so two windows'
+    rates differ by more than the two settings do.
+
+    Only a segmenter whose thread count the caller left to streamseg is changed. One given fewer
+    threads than there are cores has the other stages give way from the start; one given every
+    core explicitly is left to the kernel's fair share.
     """
 
-    WARM = 2  # forwards before timing (buffers, encoder set-up)
-    FRAMES = 8  # forwards per timed window, and at least
-    WINDOW_S = 0.4  # seconds per timed window
-    DOMINANT = 3.0  # forward / rest-of-the-work ratio above which the model keeps every core
+    WARM = 4  # forwards before timing (buffers, encoder set-up)
+    FRAMES = 8  # forwards in the timed window, and at least
+    WINDOW_S = 0.5  # seconds in the timed window
+    SHARE = 0.5  # rest-of-the-work / forward ratio from which the model keeps one core fewer
 
     def __init__(self, segmenter, stride: int, *, own_output: bool, cores: Optional[int] = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
@@ -124,26 +132,27 @@ class _Balance:
         self._given: set[str] = set()
         self._clock: dict[str, float] = {}
         self._cpu: dict[str, list] = {"capture": [0.0, 0], "output": [0.0, 0]}  # CPU seconds, frames
-        self._state = "warm"
-        self._count = 0  # forwards in this state
+        self._timing = False
+        self._count = 0  # forwards so far
         self._since = 0.0
-        self._forwards: list[float] = []  # seconds per segmented frame, in window A
-        self._rate_all = 0.0  # forwards per second with every core
+        self._forwards: list[float] = []  # seconds per segmented frame, in the timed window
+        self.decided = False
         self.outcome = "all cores"
         threads = getattr(segmenter, "threads", None)
         if threads is not None and threads < self.cores:
             self._give_way.set()
-            self._state = "done"
-            self.outcome = "fewer threads given"
+            self.decided = True
+            self.outcome = "the threads it was given"
         elif threads is None or not getattr(segmenter, "auto_threads", False) or self.cores < 2:
-            self._state = "done"
+            self.decided = True
+            self.outcome = "the threads it was given"
 
     def step(self, name: str) -> None:
         """Called by the capture and output threads once per frame."""
         now = time.thread_time()
         last = self._clock.get(name)
         self._clock[name] = now
-        if last is not None and self._state == "a":
+        if last is not None and self._timing:
             seen = self._cpu[name]
             seen[0] += now - last
             seen[1] += 1
@@ -153,42 +162,27 @@ class _Balance:
 
     def forward(self, seconds: float, frames: int) -> None:
         """Called by the model's thread after each forward pass."""
-        if self._state == "done":
+        if self.decided:
             return
         now = self._now()
         self._count += 1
-        if self._state == "a":
-            self._forwards.append(seconds / max(1, frames))
-        if self._state in ("warm", "settle"):
+        if not self._timing:
             if self._count >= self.WARM:
-                self._state = "a" if self._state == "warm" else "b"
-                self._count, self._since = 0, now
+                self._timing, self._since = True, now
             return
-        if self._count < self.FRAMES or now - self._since < self.WINDOW_S:
+        self._forwards.append(seconds / max(1, frames))
+        counts = [n for _, n in self._cpu.values()]
+        if len(self._forwards) < self.FRAMES or min(counts) < self.FRAMES or now - self._since < self.WINDOW_S:
             return
-        rate = self._count / (now - self._since)
-        seg = self.segmenter
-        if self._state == "a":
-            model_ms = 1000 * float(np.median(self._forwards)) / self.stride  # per frame of the video
-            rest_ms = 1000 * sum(cpu / n for cpu, n in self._cpu.values() if n > 0)
-            if model_ms > self.DOMINANT * rest_ms:
-                self._finish(f"the forward ({model_ms:.1f} ms a frame) outweighs the rest ({rest_ms:.1f} ms of CPU)")
-                return
-            self._rate_all = rate
-            seg.set_threads(self.cores - 1)
-            self._give_way.set()
-            self._state, self._count = "settle", 0
-            return
-        if rate < self._rate_all:
-            seg.set_threads(self.cores)
-            self._finish(f"{self._rate_all:.1f} frames/s with every core, {rate:.1f} with one fewer")
-        else:
+        self.decided, self._timing = True, False
+        model_ms = 1000 * float(np.median(self._forwards)) / self.stride  # per frame of the video
+        rest_ms = 1000 * sum(cpu / n for cpu, n in self._cpu.values())
+        if rest_ms >= self.SHARE * model_ms:
+            self.segmenter.set_threads(self.cores - 1)
             self.outcome = f"{self.cores - 1} of {self.cores} cores"
-            self._finish(f"{self._rate_all:.1f} frames/s with every core, {rate:.1f} with one fewer")
-
-    def _finish(self, why: str) -> None:
-        self._state = "done"
-        log.debug("the model runs on %s: %s", self.outcome, why)
+        self._give_way.set()
+        log.debug("the model runs on %s: its forward takes %.1f ms per frame of the video, the rest %.1f ms of CPU",
+                  self.outcome, model_ms, rest_ms)
 
 
 @dataclass(frozen=True, slots=True)
