@@ -96,8 +96,9 @@ class _Balance:
     priority, is how many threads the model gets. For most models the forward pass is the bulk
     of the work and every core makes it faster. With a light model the rest of a frame's work
     (decode, preprocess, label map, blend, encode) is as large as the forward, and the model's
-    last thread costs more than it gives: a second thread made the 257x257 ONNX model's forward
-    only 1.4 times faster for twice the CPU, CPU the other stages needed. So after a warm-up the
+    last thread costs more than it gives: a second thread makes the 257x257 ONNX model's forward
+    1.5 times faster alone (16.9 -> 11.4 ms) for 20 % more CPU, but in the pipeline each of its
+    two halves waits for the other whenever a stage holds that core. So after a warm-up the
     run times both over the same frames, the forward (wall time, per frame of the video) and the
     CPU the rest takes per frame, and when the rest is at least `SHARE` of the forward, the model
     keeps one core fewer.
