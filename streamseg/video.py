@@ -103,13 +103,12 @@ class _Balance:
     CPU the rest takes per frame, and when the rest is at least `SHARE` of the forward, the model
     keeps one core fewer.
 
-    On a 2-core machine the rule falls where the arithmetic says one core fewer pays (the rest
-    above 2 x (1-thread forward - 2-thread forward)): the ONNX model on 720p video (rest/forward
-    about 0.9) gets one core, 49 -> 55-58 frames/s; LR-ASPP keeps both (0.15; 0.3 at --stride 2)
-    and gets one at --stride 4 (0.6, where both ways measure within noise of each other); every
-    ResNet model keeps both. Per-frame costs from one window are compared rather than frame
-    rates from two: the cost of decoding and encoding changes with the picture, so two windows'
-    rates differ by more than the two settings do.
+    Measured on a 2-core machine: the ONNX model on 720p video (rest/forward about 0.95) gets
+    one core and runs at 55-58 frames/s instead of 49; LR-ASPP (0.15) and every ResNet model keep
+    both. Near the line both ways measure alike (LR-ASPP at --stride 4: 3.61x stride 1 on one
+    thread, 3.58x on two). Per-frame costs from one window are compared rather than frame rates
+    from two: the cost of decoding and encoding changes with the picture, so two windows' rates
+    differed by more than the two settings did.
 
     Only a segmenter whose thread count the caller left to streamseg is changed. One given fewer
     threads than there are cores has the other stages give way from the start; one given every
