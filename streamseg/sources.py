@@ -212,7 +212,7 @@ def decode_threads_for(model_device: str) -> Optional[int]:
     With the model on the CPU every core is already busy with the model and the other stages,
     so FFmpeg's extra decoding threads add only their own overhead (0.5 ms of CPU per 720p frame
     here) and compete with the model unseen by the pipeline: one thread decodes, inside the
-    capture thread, where the pipeline can give it its place (see `VideoSettings.model_first`).
+    capture thread, where the pipeline can put it behind the model (see `video._Balance`).
     With the model on a GPU the cores are free, and FFmpeg's frame threads keep decoding fast.
     """
     return 1 if model_device == "cpu" else None

@@ -136,15 +136,13 @@ class _Balance:
         self._count = 0  # forwards so far
         self._since = 0.0
         self._forwards: list[float] = []  # seconds per segmented frame, in the timed window
-        self.decided = False
         self.outcome = "all cores"
         threads = getattr(segmenter, "threads", None)
         if threads is not None and threads < self.cores:
             self._give_way.set()
-            self.decided = True
-            self.outcome = "the threads it was given"
-        elif threads is None or not getattr(segmenter, "auto_threads", False) or self.cores < 2:
-            self.decided = True
+        # Nothing to settle where the caller chose the threads, or where there is one core.
+        self.decided = threads is None or threads < self.cores or not getattr(segmenter, "auto_threads", False) or self.cores < 2
+        if self.decided:
             self.outcome = "the threads it was given"
 
     def step(self, name: str) -> None:
@@ -348,8 +346,11 @@ class VideoPipeline:
         self._infer_apart = not self._paint_on_device and hasattr(segmenter, "infer")
         self._prepare_early = self._infer_apart and hasattr(segmenter, "prepare")
         share = settings.share_cores if settings.share_cores is not None else device == "cpu"
-        own_output = outputs.window is None  # see run(): a window keeps the output stage in the caller's thread
-        self._balance = _Balance(segmenter, settings.stride, own_output=own_output) if share and not self.live else None
+        share = share and not self.live
+        # A file run whose output stage may have to give way to the model gives that stage a
+        # thread of its own (see _give_way); with a window it stays in the caller's thread.
+        self._own_output = share and outputs.window is None
+        self._balance = _Balance(segmenter, settings.stride, own_output=self._own_output) if share else None
         self._errors: list[BaseException] = []
         self._read = 0
         self._segmented = 0
@@ -483,7 +484,7 @@ class VideoPipeline:
         finally:
             masks.close()
 
-    # -- output stage (caller's thread, or its own) -----------------------------------------------------
+    # -- output stage (caller's thread, or its own) ------------------------------------------
 
     def run(self) -> VideoReport:
         start = time.monotonic()
@@ -507,18 +508,17 @@ class VideoPipeline:
                     threading.Thread(target=self._guard(lambda: self._capture_file(raw)), name="streamseg-capture", daemon=True),
                     threading.Thread(target=self._guard(lambda: self._segment_file(raw, done)), name="streamseg-segment", daemon=True),
                 ]
-                if self._balance is not None and self.outputs.window is None:
-                    # The output stage may have to give way to the model, so it gets a thread of
-                    # its own (see _give_way); with a window it stays here, where the window lives.
-                    output = lambda: self._output_file(done)  # noqa: E731
-                    threads.append(threading.Thread(target=self._guard(output), name="streamseg-output", daemon=True))
+                output = None
+                if self._own_output:
+                    output = threading.Thread(target=self._guard(lambda: self._output_file(done)), name="streamseg-output", daemon=True)
+                    threads.append(output)
                 for t in threads:
                     t.start()
-                if len(threads) == 3:
-                    while threads[2].is_alive():
-                        threads[2].join(_POLL_S)  # wakes for Ctrl+C, as the output stage did here
-                else:
+                if output is None:
                     self._output_file(done)
+                else:
+                    while output.is_alive():
+                        output.join(_POLL_S)  # wakes for Ctrl+C, as the output stage did here
         except BaseException as exc:
             self._errors.insert(0, exc)
         finally:
