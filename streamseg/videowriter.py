@@ -474,10 +474,13 @@ class VideoWriter:
             self._publish()
         finally:
             self._cleanup()
-        # After an error or Ctrl-C this line is the news that the video so far was kept; after a
-        # normal end the caller reports the run in its own words.
-        log.log(logging.INFO if self._ending_on_error else logging.DEBUG,
-                "wrote %s: %d frames at %s fps (%s)", self.path, self.frames_written, self.rate, self.codec)
+        # After an error or Ctrl-C this line is the news that the video so far was kept;
+        # after a normal end the caller reports the run in its own words, and --debug gets the
+        # writer's side of it.
+        if self._ending_on_error:
+            log.info("wrote %s: %d frames at %s fps (%s)", self.path, self.frames_written, self.rate, self.codec)
+        else:
+            log.debug("finalised %s (%d frames, %s)", self.path, self.frames_written, self.codec)
 
     def abort(self) -> None:
         """Drop everything written so far and leave no file behind. Idempotent; a no-op after close()."""
