@@ -661,6 +661,30 @@ def compare_onnx(seg: Segmenter, frames: list[np.ndarray], workdir: Path, *, n: 
     }
 
 
+def compare_precision(seg: Segmenter, args, frames: list[np.ndarray]) -> dict:
+    """Label maps of the run's precision against fp32, same weights, same frames (frame size)."""
+    reference_args = argparse.Namespace(**{**vars(args), "precision": "fp32"})
+    reference, _ = build_segmenter(reference_args)  # the same weights: same file, or same seed
+    try:
+        shares = []
+        for image in frames:
+            low = seg.labels([image])[0]
+            full = reference.labels([image])[0]
+            shares.append(float((low == full).mean()))
+    finally:
+        del reference
+        seg.set_threads(seg.threads)  # building the reference set torch's (process-wide) threads
+        if seg.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "precision": seg.model.precision,
+        "against": "fp32",
+        "frames": len(frames),
+        "label_agreement": round(float(np.mean(shares)), 5),
+        "label_agreement_min_frame": round(min(shares), 5),
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -698,6 +722,8 @@ def parse_args(argv):
     p.add_argument("--skip-naive", action="store_true", help="do not run (c)")
     p.add_argument("--live", action="store_true", help="measure displayed-frame age through the live path")
     p.add_argument("--live-seconds", type=float, default=10.0)
+    p.add_argument("--compare-precision", action="store_true",
+                   help="torch models: label maps at --precision against fp32, same weights and frames")
     p.add_argument("--compare-onnx", action="store_true", help="torch models: export to ONNX at the same size, time both (model only)")
     p.add_argument("--memory-check", action="store_true", help="run (b) on the video and on 10 times its length; compare peak RSS")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -836,6 +862,11 @@ def run(args) -> dict:
             seg.set_threads(threads)  # live runs keep the threads they are given
             result["live"] = live_run(seg, live_frames, info.fps, seconds=args.live_seconds, alpha=args.alpha)
             result["live"]["model_only_ms"] = round(1000 / a["fps"] * batch, 1) if batch == 1 else None
+        if args.compare_precision and isinstance(m, TorchModel) and m.precision != "fp32":
+            # Frames from across the video, not only its first second.
+            spread = sample_frames(args.video, info.frame_count or 38)
+            picks = spread[:: max(1, len(spread) // 8)][:8]
+            result["precision_vs_fp32"] = compare_precision(seg, args, picks)
         if args.compare_onnx and isinstance(m, TorchModel):
             result["onnx_vs_torch"] = compare_onnx(seg, frames, work, n=min(args.frames, 20), warmup=args.warmup)
     result["peak_rss_process_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -874,6 +905,8 @@ def targets(r: dict) -> dict:
         if live.get("new_result_age_ms"):
             check("live_p95_new_result_age_ms", live["new_result_age_ms"]["p95"], live["target_ms"], at_most=True)
         check("live_p95_age_ms", live["mask_age_ms"]["p95"], live["target_ms"], at_most=True)
+    if "precision_vs_fp32" in r:
+        check("precision_label_agreement", r["precision_vs_fp32"]["label_agreement"], 0.99)
     if "memory_check" in r:
         check("memory_growth_10x", r["memory_check"]["growth"], 0.10, at_most=True)
     return out
@@ -927,6 +960,10 @@ def print_table(r: dict) -> None:
             f"{k} {v['value']} ({'<=' if k.startswith(('live', 'memory')) else '>='} {v['bound']}): {'holds' if v['holds'] else 'MISSED'}"
             + ("" if v.get("quiet", True) else " (busy machine)")
             for k, v in r["targets"].items()))
+    if "precision_vs_fp32" in r:
+        pc = r["precision_vs_fp32"]
+        print(f"{pc['precision']} against fp32: label maps agree on {100 * pc['label_agreement']:.2f} % of pixels "
+              f"({pc['frames']} frames; worst frame {100 * pc['label_agreement_min_frame']:.2f} %)")
     if "onnx_vs_torch" in r:
         o = r["onnx_vs_torch"]
         print(f"onnxruntime vs torch at {o['input_size']} (model only): {o['onnxruntime_fps']:.2f} vs {o['torch_fps']:.2f} fps "

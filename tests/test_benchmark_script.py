@@ -92,6 +92,22 @@ def test_torch_model_all_phases(tmp_path: Path):
     assert all({"value", "bound", "holds"} <= set(t) for t in r["targets"].values())
 
 
+def test_precision_against_fp32(tmp_path: Path):
+    """--compare-precision: label maps at the run's precision against fp32 with the same weights
+    (the issue's fp16-on-CUDA target; bf16 here, where there is no GPU)."""
+    video = tiny_video(tmp_path / "in.mp4")
+    r = run_benchmark(
+        tmp_path, str(video), "--model", "lraspp_mobilenet_v3_large", "--frames", "2", "--warmup", "1",
+        "--device", "cpu", "--precision", "bf16", "--compare-precision", "--skip-naive",
+    )
+    assert r["model"]["precision"] == "bf16"
+    pc = r["precision_vs_fp32"]
+    assert (pc["precision"], pc["against"], pc["frames"]) == ("bf16", "fp32", 6)
+    assert 0.0 <= pc["label_agreement_min_frame"] <= pc["label_agreement"] <= 1.0
+    target = r["targets"]["precision_label_agreement"]
+    assert target["bound"] == 0.99 and target["holds"] == (pc["label_agreement"] >= 0.99)
+
+
 @pytest.fixture(scope="module")
 def onnx_model() -> Path:
     path = ROOT.parent / "shared" / "models" / "deeplabv3_mobilenetv2_voc_257.onnx"
