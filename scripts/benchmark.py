@@ -692,7 +692,7 @@ def build_segmenter(args) -> tuple[Segmenter, str]:
     kwargs: dict[str, Any] = dict(device=args.device, classes="car", threads=args.threads)
     if args.model.lower().endswith(".onnx"):
         return Segmenter(args.model, **kwargs), "onnx file"
-    kwargs.update(precision=args.precision, channels_last=not args.no_channels_last)
+    kwargs.update(precision=args.precision, channels_last=not args.no_channels_last, compile=args.compile)
     if args.weights:
         return Segmenter(args.model, weights=args.weights, **kwargs), f"weights file {args.weights}"
     cached = Path(torch.hub.get_dir()) / "checkpoints" / weights_for(args.model).url.rsplit("/", 1)[-1]
@@ -718,6 +718,8 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, help="frames per model call in (a) and (b) (default: as the CLI picks: 4 on CUDA, else 1)")
     p.add_argument("--threads", type=int, help="CPU threads for the model, as the CLI's --threads (default: all cores)")
     p.add_argument("--no-channels-last", action="store_true", help="torch models: contiguous NCHW in (a) and (b)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch models: torch.compile in (a) and (b), compiled before the timed phases")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--skip-naive", action="store_true", help="do not run (c)")
     p.add_argument("--live", action="store_true", help="measure displayed-frame age through the live path")
@@ -787,6 +789,7 @@ def run(args) -> dict:
             "device": str(device),
             "precision": m.precision,
             "channels_last": bool(getattr(m, "channels_last", False)),
+            "compile": bool(getattr(args, "compile", False)),
             "batch": batch,
             "threads": seg.threads,
             "opencv_threads": cv2.getNumThreads(),
@@ -802,6 +805,14 @@ def run(args) -> dict:
         if args.memory_check:
             need = max(need, 10 * (info.frame_count or args.frames))
         result["video"]["repeated_frames"] = repeat_video(args.video, long_video, need)
+        if getattr(m, "_run", None) is not None and args.compile:
+            # The first forward compiles (tens of seconds): a user pays it once per run, on the
+            # first frame; here it would land in whichever phase came first.
+            t0 = time.perf_counter()
+            m.logits(to_input(frames[:batch], m.spec, device=m.device, dtype=m.dtype, channels_last=m.channels_last))
+            _sync(device)
+            result["model"]["compile_seconds"] = round(time.perf_counter() - t0, 1)
+            result["model"]["compiled"] = m._run._state == "compiled"
         runs_a, runs_b, runs_c = [], [], []
         runs_s: dict[int, list[dict]] = {}
         threads = seg.threads
@@ -921,7 +932,9 @@ def print_table(r: dict) -> None:
     print(f"video: {v['path']} {v['width']}x{v['height']} @ {v['fps']:g} fps, {r['frames']} frames per phase")
     print(f"model: {model['name']} ({model['backend']}, {model['weights']}) input {model['input_size']} on {model['device']}, "
           f"{model['precision']}, channels-last {model['channels_last']}, batch {model['batch']}, "
-          f"model threads {model['threads']} / opencv {model['opencv_threads']}; "
+          + (f"torch.compile {'done' if model.get('compiled') else 'FAILED, ran uncompiled'} in {model.get('compile_seconds')} s, "
+             if model.get("compile") else "")
+          + f"model threads {model['threads']} / opencv {model['opencv_threads']}; "
           f"(b) settled on {r['b_end_to_end']['model_threads']} model thread(s), (a) ran with {r['a_model_only']['model_threads']}")
     rows = [("(a) model only", r["a_model_only"]), ("(b) streamseg end to end", r["b_end_to_end"])]
     if "c_naive" in r:

@@ -93,7 +93,7 @@ class Options:
         default=None,
         metadata=_opt("--threads", metavar="N", help="CPU threads for the model (default: all cores, or one fewer where a video run finds that faster)"),
     )
-    compile: bool = field(default=False, metadata=_opt("--compile", help="torch.compile the model (CUDA; slow first frames)"))
+    compile: bool = field(default=False, metadata=_opt("--compile", help="torch.compile the model: faster frames after a slow first one (tens of seconds)"))
     input_size: Optional[str] = field(
         default=None,
         metadata=_opt("--input-size", metavar="WxH|N", help="ONNX: fixed input WxH, or N for the shorter side"),

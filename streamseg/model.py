@@ -143,21 +143,55 @@ class TorchModel:
             # Set here, when a CUDA segmenter is built, not at import time: fixed-size frames let
             # cuDNN pick its fastest kernels once.
             torch.backends.cudnn.benchmark = True
-        if compile:
-            # Fixed-size frames suit one compiled graph; the first frames pay for compilation.
-            net = torch.compile(net, dynamic=False)
-        self.net = net
+        self.net = net  # the eager module: its weights, and what `streamseg export` traces
+        self._run = _Compiled(net) if compile else net
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, h, w) normalised input -> (N, C, h/8, w/8) logits, on the model's device."""
-        return self.net(x)
+        return self._run(x)
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, h, w) normalised input -> (N, h/8, w/8) uint8 class ids at the model's own
         resolution, on the model's device. Frame-sized labels come from `postprocess.labels_at`."""
-        return self.net(x).argmax(1).to(torch.uint8)
+        return self._run(x).argmax(1).to(torch.uint8)
+
+
+class _Compiled:
+    """`torch.compile` of the model (--compile), or the model itself where compiling fails.
+
+    Fixed-size frames suit one compiled graph; the first forward pass pays for compiling it (tens
+    of seconds), later ones run faster (LR-ASPP on a 2-core CPU: 72 instead of 83 ms). Compiling
+    happens at that first pass, not at `torch.compile()`, and it can fail there for reasons of
+    the machine: on the CPU it needs a working C++ compiler. A run that asked for --compile then
+    goes on uncompiled, with one warning, rather than failing. Errors after a first pass that
+    compiled (out of memory, say) are the model's own and are raised as they are.
+    """
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        if not log.isEnabledFor(logging.DEBUG):
+            # Its notice that a CPU-only torch has no CUDA runtime is noise to a CPU user.
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        self._eager = net
+        self._compiled = torch.compile(net, dynamic=False)
+        self._state = "untried"  # then "compiled" or "failed"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._state == "compiled":
+            return self._compiled(x)
+        if self._state == "failed":
+            return self._eager(x)
+        try:
+            out = self._compiled(x)
+        except Exception as exc:  # torch._dynamo / inductor errors have no common public base
+            self._state = "failed"
+            text = str(exc).strip().splitlines()
+            log.warning("--compile: torch.compile failed on this machine (%s); the model runs uncompiled",
+                        text[0] if text else type(exc).__name__)
+            return self._eager(x)
+        self._state = "compiled"
+        return out
 
 
 def _build(name: str, weights, *, weights_file: Optional[str], pretrained: bool, num_classes: int,

@@ -101,6 +101,45 @@ def test_bf16_on_cpu():
     assert labels.dtype == torch.uint8 and labels.shape == (1, 4, 6)
 
 
+# --------------------------------------------------------------------------- --compile
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_eager_logits():
+    """--compile runs torch.compile's graph (on the CPU: C++ built by inductor), with the same
+    weights and nearly the same numbers as the eager model."""
+    torch.manual_seed(0)
+    eager = TorchModel("lraspp_mobilenet_v3_large", device=CPU, pretrained=False)
+    torch.manual_seed(0)
+    compiled = TorchModel("lraspp_mobilenet_v3_large", device=CPU, pretrained=False, compile=True)
+    small = InputSpec(size=64, mean=eager.spec.mean, std=eager.spec.std)
+    x = to_input([_frame()], small, channels_last=True)
+    want, got = eager.logits(x), compiled.logits(x)
+    assert compiled._run._state == "compiled"  # not the fallback
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+
+def test_compile_where_it_cannot_compile_runs_uncompiled(lraspp_state, run_cli, tmp_path):
+    """No working C++ compiler (inductor's CPU backend needs one): one warning, and the run
+    writes what it would have written without --compile."""
+    import cv2
+
+    image = tmp_path / "shot.png"
+    cv2.imwrite(str(image), _frame(48, 64))
+    env = {"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    args = (image, "-m", "lraspp_mobilenet_v3_large", "--weights", lraspp_state, "-c", "all")
+    proc = run_cli(*args, "--compile", "-o", "compiled", cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    warnings_ = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(warnings_) == 1 and "--compile: torch.compile failed" in warnings_[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    plain = run_cli(*args, "-o", "plain", cwd=tmp_path, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    for name in ("shot_labels.png", "shot_mask.png", "shot_overlay.png"):
+        assert (tmp_path / "compiled" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+
+
 # --------------------------------------------------------------------------- devices
 
 
