@@ -151,7 +151,8 @@ class _Interrupts:
     def deferred(self) -> Iterator[None]:
         """Signals are only noted while the block runs, then raised. For importing torch and
         friends: their C++ initialisation calls back into Python, and an exception raised there
-        ends in std::terminate, an abort with a core dump instead of a clean stop."""
+        ends in std::terminate, an abort with a core dump instead of a clean stop. And for
+        writing one still image's files and stats line, which belong together."""
         self._deferring, self._pending = True, None
         try:
             yield
@@ -335,7 +336,8 @@ def _run_images(opts: Options, paths) -> int:
     failures = 0
     try:
         for result in run_images(
-            paths, segmenter, out_dir=out_dir, alpha=opts.alpha, legend=opts.legend, stats=stats
+            paths, segmenter, out_dir=out_dir, alpha=opts.alpha, legend=opts.legend, stats=stats,
+            writing=_interrupts.deferred,
         ):
             if result.error:
                 failures += 1

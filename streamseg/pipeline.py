@@ -6,9 +6,10 @@ results are yielded to the CLI (or any caller) to report.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from .overlay import Painter, draw_legend
 from .sinks import JsonLines, check_dir, check_target, ensure_dir, write_png
@@ -62,10 +63,14 @@ def run_images(
     alpha: float = 0.5,
     legend: bool = False,
     stats: Optional[JsonLines] = None,
+    writing: Callable[[], AbstractContextManager] = nullcontext,
 ) -> Iterator[ImageResult]:
     """Segment each image with the one loaded model; write overlay, mask and labels PNGs.
 
     A bad image yields an ImageResult with `error` set and the run goes on with the next one.
+    One image's three PNGs and its stats line are written inside `writing()`: the CLI holds
+    Ctrl-C and SIGTERM back there (a few milliseconds), so an interrupted run leaves every image
+    with all of its files and its stats line, or with none of them.
     """
     painter = Painter(selected=segmenter.selected, palette=segmenter.palette, alpha=alpha)
     for path in paths:
@@ -80,9 +85,14 @@ def run_images(
         if legend:
             overlay = draw_legend(overlay, seg.present, seg.categories, segmenter.palette)
         targets = image_outputs(path, out_dir)
-        for target, picture in zip(targets, (overlay, painter.colour_mask(seg.labels), seg.labels)):
-            write_png(target, picture)
+        pictures = (overlay, painter.colour_mask(seg.labels), seg.labels)
+        record = None
         if stats is not None:
             h, w = seg.labels.shape
-            stats.write({"source": str(path), "width": w, "height": h, "classes": class_record(seg)})
+            record = {"source": str(path), "width": w, "height": h, "classes": class_record(seg)}
+        with writing():
+            for target, picture in zip(targets, pictures):
+                write_png(target, picture)
+            if stats is not None:
+                stats.write(record)
         yield ImageResult(path=path, segmentation=seg, outputs=targets)

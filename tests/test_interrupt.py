@@ -354,6 +354,35 @@ def test_signal_in_a_batch_of_images(sig, tiny, tmp_path: Path) -> None:
     assert {str(shots / (p.name.rsplit("_", 1)[0] + ".png")) for p in written if p.name.endswith("_labels.png")} <= done
 
 
+def test_signal_while_an_image_is_written_lets_it_finish(tiny, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A signal that lands between one image's PNGs (or before its stats line) is held until
+    that image has all three files and its line: the run stops after it, never half-way."""
+    from streamseg import cli, pipeline
+
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        cv2.imwrite(str(shots / f"shot_{i}.png"), rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    written: list[str] = []
+    real_write_png = pipeline.write_png
+
+    def write_png(path: Path, image: np.ndarray) -> None:
+        written.append(path.name)
+        if len(written) == 5:  # image 1's mask: its overlay is on disk, its labels are not
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_write_png(path, image)
+
+    monkeypatch.setattr(pipeline, "write_png", write_png)
+    code = cli.main([str(shots), "-m", str(tiny), "-o", str(tmp_path / "out"), "--stats", str(tmp_path / "stats.jsonl")])
+    assert code == 128 + signal.SIGTERM
+    assert "terminated" in capsys.readouterr().err
+    out = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert out == sorted(f"shot_{i}_{kind}.png" for i in (0, 1) for kind in ("overlay", "mask", "labels"))
+    lines = (tmp_path / "stats.jsonl").read_text().splitlines()
+    assert [Path(json.loads(line)["source"]).name for line in lines] == ["shot_0.png", "shot_1.png"]
+
+
 # --------------------------------------------------------------------------- any moment
 
 
