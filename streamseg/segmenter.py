@@ -56,8 +56,13 @@ class Segmenter:
         self.auto_threads = threads is None
         threads = _configure_threads(dev, threads)
         if model.lower().endswith(".onnx"):
-            if weights is not None:
-                raise UsageError("--weights applies to torchvision models, not to ONNX files")
+            # The ONNX file fixes its own weights and number format, and onnxruntime compiles
+            # nothing at run time: options that would do nothing say so instead.
+            given = [flag for flag, value in (("--weights", weights is not None), ("--precision", precision is not None),
+                                              ("--compile", compile)) if value]
+            if given:
+                verb = "applies" if len(given) == 1 else "apply"
+                raise UsageError(f"{' and '.join(given)} {verb} to torchvision models, not to ONNX files")
             try:
                 self.model: Union[TorchModel, OnnxModel] = OnnxModel(
                     model, device=dev, input_size=input_size, mean=mean, std=std, categories=categories,

@@ -201,6 +201,10 @@ ROWS = [
                                             "{in}/evil.pth", "-o", "out"), 1, ("evil.pth", "weights_only")),
     Row("ONNX file that is not ONNX", ("{in}/good.png", "-m", "{in}/fake.onnx", "-o", "out"), 1,
         ("fake.onnx", "not a usable ONNX model")),
+    # Options that an ONNX file makes meaningless say so, rather than being ignored.
+    Row("--precision with an ONNX model", IMG + ("--precision", "fp16"), 2, ("--precision", "not to ONNX files")),
+    Row("--compile with an ONNX model", IMG + ("--compile",), 2, ("--compile", "not to ONNX files")),
+    Row("--weights with an ONNX model", IMG + ("--weights", "{in}/notes.pth"), 2, ("--weights", "not to ONNX files")),
 ]
 
 
