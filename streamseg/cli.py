@@ -152,13 +152,17 @@ class _Interrupts:
         """Signals are only noted while the block runs, then raised. For importing torch and
         friends: their C++ initialisation calls back into Python, and an exception raised there
         ends in std::terminate, an abort with a core dump instead of a clean stop. And for
-        writing one still image's files and stats line, which belong together."""
-        self._deferring, self._pending = True, None
+        writing one still image's files and stats line, which belong together. A block inside
+        another defers to the outer one's end."""
+        outer = self._deferring
+        self._deferring = True
+        if not outer:
+            self._pending = None
         try:
             yield
         finally:
-            self._deferring = False
-        if self._pending is not None:
+            self._deferring = outer
+        if not outer and self._pending is not None:
             self.interrupt(self._pending)
 
     @contextmanager

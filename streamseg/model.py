@@ -184,6 +184,8 @@ class _Compiled:
             return self._eager(x)
         try:
             out = self._compiled(x)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the frames do not fit, compiled or not
         except Exception as exc:  # torch._dynamo / inductor errors have no common public base
             self._state = "failed"
             text = str(exc).strip().splitlines()

@@ -383,6 +383,22 @@ def test_signal_while_an_image_is_written_lets_it_finish(tiny, tmp_path: Path, m
     assert [Path(json.loads(line)["source"]).name for line in lines] == ["shot_0.png", "shot_1.png"]
 
 
+def test_a_deferred_block_inside_another_holds_the_signal_to_the_outer_end() -> None:
+    from streamseg import cli
+
+    interrupts = cli._Interrupts()
+    reached = []
+    with interrupts.installed(program=False):
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred():
+                with interrupts.deferred():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    reached.append("inner end")
+                reached.append("outer end")  # the inner block's end raised nothing
+        assert reached == ["inner end", "outer end"]
+        assert interrupts.raised == signal.SIGINT
+
+
 # --------------------------------------------------------------------------- any moment
 
 
