@@ -663,7 +663,7 @@ def compare_onnx(seg: Segmenter, frames: list[np.ndarray], workdir: Path, *, n: 
 
 def compare_precision(seg: Segmenter, args, frames: list[np.ndarray]) -> dict:
     """Label maps of the run's precision against fp32, same weights, same frames (frame size)."""
-    reference_args = argparse.Namespace(**{**vars(args), "precision": "fp32"})
+    reference_args = argparse.Namespace(**{**vars(args), "precision": "fp32", "compile": False})
     reference, _ = build_segmenter(reference_args)  # the same weights: same file, or same seed
     try:
         shares = []
@@ -789,7 +789,7 @@ def run(args) -> dict:
             "device": str(device),
             "precision": m.precision,
             "channels_last": bool(getattr(m, "channels_last", False)),
-            "compile": bool(getattr(args, "compile", False)),
+            "compile": bool(args.compile and isinstance(m, TorchModel)),
             "batch": batch,
             "threads": seg.threads,
             "opencv_threads": cv2.getNumThreads(),
@@ -805,14 +805,14 @@ def run(args) -> dict:
         if args.memory_check:
             need = max(need, 10 * (info.frame_count or args.frames))
         result["video"]["repeated_frames"] = repeat_video(args.video, long_video, need)
-        if getattr(m, "_run", None) is not None and args.compile:
+        if args.compile and isinstance(m, TorchModel):
             # The first forward compiles (tens of seconds): a user pays it once per run, on the
             # first frame; here it would land in whichever phase came first.
             t0 = time.perf_counter()
             m.logits(to_input(frames[:batch], m.spec, device=m.device, dtype=m.dtype, channels_last=m.channels_last))
             _sync(device)
             result["model"]["compile_seconds"] = round(time.perf_counter() - t0, 1)
-            result["model"]["compiled"] = m._run._state == "compiled"
+            result["model"]["compiled"] = m.compiled
         runs_a, runs_b, runs_c = [], [], []
         runs_s: dict[int, list[dict]] = {}
         threads = seg.threads

@@ -146,6 +146,12 @@ class TorchModel:
         self.net = net  # the eager module: its weights, and what `streamseg export` traces
         self._run = _Compiled(net) if compile else net
 
+    @property
+    def compiled(self) -> bool:
+        """Whether forward passes run torch.compile's graph: --compile was given, and the first
+        pass compiled it (see `_Compiled`)."""
+        return isinstance(self._run, _Compiled) and self._run.state == "compiled"
+
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, h, w) normalised input -> (N, C, h/8, w/8) logits, on the model's device."""
@@ -175,24 +181,24 @@ class _Compiled:
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self._eager = net
         self._compiled = torch.compile(net, dynamic=False)
-        self._state = "untried"  # then "compiled" or "failed"
+        self.state = "untried"  # then "compiled" or "failed"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._state == "compiled":
+        if self.state == "compiled":
             return self._compiled(x)
-        if self._state == "failed":
+        if self.state == "failed":
             return self._eager(x)
         try:
             out = self._compiled(x)
         except torch.cuda.OutOfMemoryError:
             raise  # the frames do not fit, compiled or not
         except Exception as exc:  # torch._dynamo / inductor errors have no common public base
-            self._state = "failed"
+            self.state = "failed"
             text = str(exc).strip().splitlines()
             log.warning("--compile: torch.compile failed on this machine (%s); the model runs uncompiled",
                         text[0] if text else type(exc).__name__)
             return self._eager(x)
-        self._state = "compiled"
+        self.state = "compiled"
         return out
 
 
