@@ -868,16 +868,16 @@ def run(args) -> dict:
                 "peak_rss_mb": [one["peak_rss_mb"], ten["peak_rss_mb"]],
                 "growth": round(ten["peak_rss_mb"] / one["peak_rss_mb"] - 1, 4),
             }
+        compare_precision_here = args.compare_precision and isinstance(m, TorchModel) and m.precision != "fp32"
+        # The whole clip, decoded once: the live source replays it, and precision is compared on
+        # frames from across it, not only its first second.
+        clip = sample_frames(args.video, info.frame_count or 38) if args.live or compare_precision_here else []
         if args.live:
-            live_frames = sample_frames(args.video, info.frame_count or 38)
             seg.set_threads(threads)  # live runs keep the threads they are given
-            result["live"] = live_run(seg, live_frames, info.fps, seconds=args.live_seconds, alpha=args.alpha)
+            result["live"] = live_run(seg, clip, info.fps, seconds=args.live_seconds, alpha=args.alpha)
             result["live"]["model_only_ms"] = round(1000 / a["fps"] * batch, 1) if batch == 1 else None
-        if args.compare_precision and isinstance(m, TorchModel) and m.precision != "fp32":
-            # Frames from across the video, not only its first second.
-            spread = sample_frames(args.video, info.frame_count or 38)
-            picks = spread[:: max(1, len(spread) // 8)][:8]
-            result["precision_vs_fp32"] = compare_precision(seg, args, picks)
+        if compare_precision_here:
+            result["precision_vs_fp32"] = compare_precision(seg, args, clip[:: max(1, len(clip) // 8)][:8])
         if args.compare_onnx and isinstance(m, TorchModel):
             result["onnx_vs_torch"] = compare_onnx(seg, frames, work, n=min(args.frames, 20), warmup=args.warmup)
     result["peak_rss_process_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
