@@ -129,7 +129,7 @@ class _Balance:
         # Threads that may lower their priority: the pipeline's own, never the caller's.
         self._may_give_way = {"capture"} | ({"output"} if own_output else set())
         self._give_way = threading.Event()
-        self._given: set[str] = set()
+        self._settled: set[str] = set()  # threads with nothing left to do in step()
         self._clock: dict[str, float] = {}
         self._cpu: dict[str, list] = {"capture": [0.0, 0], "output": [0.0, 0]}  # CPU seconds, frames
         self._timing = False
@@ -144,9 +144,19 @@ class _Balance:
         self.decided = threads is None or threads < self.cores or not getattr(segmenter, "auto_threads", False) or self.cores < 2
         if self.decided:
             self.outcome = "the threads it was given"
+            if not self._give_way.is_set():
+                self._settled = {"capture", "output"}  # nothing to time, nothing to give
 
     def step(self, name: str) -> None:
-        """Called by the capture and output threads once per frame."""
+        """Called by the capture and output threads once per frame. Once the run has settled
+        (and this thread has given way, where it should), it returns at once."""
+        if name in self._settled:
+            return
+        if self._give_way.is_set():
+            if name in self._may_give_way:
+                _give_way()
+            self._settled.add(name)
+            return
         now = time.thread_time()
         last = self._clock.get(name)
         self._clock[name] = now
@@ -154,9 +164,6 @@ class _Balance:
             seen = self._cpu[name]
             seen[0] += now - last
             seen[1] += 1
-        if self._give_way.is_set() and name not in self._given and name in self._may_give_way:
-            self._given.add(name)
-            _give_way()
 
     def forward(self, seconds: float, frames: int) -> None:
         """Called by the model's thread after each forward pass."""
