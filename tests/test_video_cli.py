@@ -295,6 +295,29 @@ def test_highway_cars_are_pink(tmp_path: Path) -> None:
         assert np.abs(got[outside] - src[outside]).mean() < 8, f"frame {i}: non-car pixels changed"
 
 
+@needs_model
+def test_shipped_sample_shows_both_cars(tmp_path: Path) -> None:
+    """The README's third command on the shipped sample, with the real ONNX model: every frame
+    has both drawn cars partly coloured (the drawing must look like cars to a model trained on
+    photographs, or a first run shows nothing), and little else: the small model calls a few
+    hundred pixels of a rear window aeroplane in some frames."""
+    sample = ROOT / "sample_media" / "road.mp4"
+    result = run_cli(sample, "-o", "road_overlay.mp4", "--model", ONNX_MODEL, "--save-masks", "masks", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = probe(tmp_path / "road_overlay.mp4")
+    assert (out["codec"], out["frames"], out["size"]) == ("h264", 48, (640, 360))
+    assert out["audio"] is not None
+
+    labels = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted((tmp_path / "masks").iterdir())]
+    assert len(labels) == 48
+    white = [int((lab[:, :280] == CAR).sum()) for lab in labels]  # the white car, left lane
+    red = [int((lab[:, 280:] == CAR).sum()) for lab in labels]  # the red car ahead
+    assert min(white) >= 500, f"the white car is missed in some frames: {white}"
+    assert min(red) >= 8000, f"the red car is missed in some frames: {red}"
+    other = [float(((lab != 0) & (lab != CAR)).mean()) for lab in labels]
+    assert max(other) < 0.01, f"classes other than car cover up to {max(other):.1%} of a frame"
+
+
 # --------------------------------------------------------------------------- signals
 
 
