@@ -429,6 +429,23 @@ class _Signals:
         return 128 + int(self.received)
 
 
+class _FinishedWhole:
+    """Enters a writer; leaving it (finishing the video: the encoder's last frames, the index,
+    the move into place) runs with SIGINT/SIGTERM held back, then raises them. A signal inside
+    FFmpeg's trailer would leave a file that cannot be finished, and the video so far would be
+    lost at the very end; finishing takes milliseconds, a few seconds for a long video."""
+
+    def __init__(self, writer):
+        self._writer = writer
+
+    def __enter__(self):
+        return self._writer.__enter__()
+
+    def __exit__(self, *exc_info):
+        with _interrupts.deferred():
+            return self._writer.__exit__(*exc_info)
+
+
 def _video_output(opts: Options, kind: str, spec: str) -> Optional[Path]:
     """-o as given; a directory gets <stem>_overlay.mp4; a video file without -o gets that in '.'."""
     stem = Path(spec).stem if kind == "video" else ("camera" + spec if kind == "camera" else "stream")
@@ -506,7 +523,7 @@ def _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals) -> in
 
             preset = auto_preset(segmenter.device.type) if opts.preset == "auto" else opts.preset
             writer = stack.enter_context(
-                VideoWriter(
+                _FinishedWhole(VideoWriter(
                     out,
                     width=info.width,
                     height=info.height,
@@ -515,7 +532,7 @@ def _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals) -> in
                     overwrite=opts.overwrite,
                     crf=opts.crf,
                     preset=preset,
-                )
+                ))
             )
         if show:
             from .window import Window

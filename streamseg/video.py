@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 _END = object()  # sentinel: no more items
 _POLL_S = 0.1  # how often a blocked put/get looks at the stop event
+_JOIN_S = 30  # the longest wait for the stages to end after a stop
 #: how far a file run's capture and output threads step back behind the model's thread (nice
 #: levels: at +10, a thread sharing a core with the model gets about 1/10 of it while the model
 #: needs the core, and all of it while the model waits)
@@ -368,15 +369,20 @@ class VideoPipeline:
 
     # -- threads ---------------------------------------------------------------------------
 
-    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
+    def _thread(self, name: str, fn: Callable[[], None]) -> "_Stage":
+        """A stage's thread (not started). Its errors go to the caller's thread, never swallowed."""
+        ended = threading.Event()
+
         def run() -> None:
             try:
                 fn()
-            except BaseException as exc:  # handed to the caller's thread, never swallowed
+            except BaseException as exc:
                 self._errors.append(exc)
                 self.stop.set()
+            finally:
+                ended.set()
 
-        return run
+        return _Stage(threading.Thread(target=run, name=name, daemon=True), ended)
 
     def _capture_file(self, out: queue.Queue) -> None:
         balance = self._balance
@@ -432,7 +438,6 @@ class VideoPipeline:
                 segs = self.segmenter.segment_batch([it.frame for it in todo])
                 for it, seg in zip(todo, segs):
                     it.labels, it.seg = seg.labels, seg
-            self._segmented += len(todo)
             todo.clear()
             for it in pending:
                 if not _put(out, it, self.stop):
@@ -495,50 +500,44 @@ class VideoPipeline:
 
     def run(self) -> VideoReport:
         start = time.monotonic()
-        threads: list[threading.Thread] = []
+        threads: list[_Stage] = []
         try:
             if self.live:
                 shared = threading.Condition()  # the output stage waits on a new frame or a new mask
                 frames, for_output, masks = _Slot(), _Slot(shared), _Slot(shared)
                 threads = [
-                    threading.Thread(target=self._guard(lambda: self._capture_live(frames, for_output)), name="streamseg-capture", daemon=True),
-                    threading.Thread(target=self._guard(lambda: self._segment_live(frames, masks)), name="streamseg-segment", daemon=True),
+                    self._thread("streamseg-capture", lambda: self._capture_live(frames, for_output)),
+                    self._thread("streamseg-segment", lambda: self._segment_live(frames, masks)),
                 ]
                 for t in threads:
-                    t.start()
+                    t.thread.start()
                 self._output_live(for_output, masks)
             else:
                 depth = max(4, 2 * self.settings.batch)
                 raw: queue.Queue = queue.Queue(maxsize=depth * self.settings.stride)
                 done: queue.Queue = queue.Queue(maxsize=depth * self.settings.stride)
                 threads = [
-                    threading.Thread(target=self._guard(lambda: self._capture_file(raw)), name="streamseg-capture", daemon=True),
-                    threading.Thread(target=self._guard(lambda: self._segment_file(raw, done)), name="streamseg-segment", daemon=True),
+                    self._thread("streamseg-capture", lambda: self._capture_file(raw)),
+                    self._thread("streamseg-segment", lambda: self._segment_file(raw, done)),
                 ]
                 output = None
                 if self._own_output:
-                    output = threading.Thread(target=self._guard(lambda: self._output_file(done)), name="streamseg-output", daemon=True)
+                    output = self._thread("streamseg-output", lambda: self._output_file(done))
                     threads.append(output)
                 for t in threads:
-                    t.start()
+                    t.thread.start()
                 if output is None:
                     self._output_file(done)
                 else:
-                    while output.is_alive():
-                        output.join(_POLL_S)  # wakes for Ctrl+C, as the output stage did here
+                    output.ended.wait()  # wakes for Ctrl+C, as the output stage did here
         except BaseException as exc:
             self._errors.insert(0, exc)
         finally:
-            self.stop.set()
-            # Closing the source ends a reconnect wait at once; a read already inside OpenCV
-            # returns within the source's read timeout.
-            self.source.close()
-            for t in threads:
-                t.join(timeout=30)
-                if t.is_alive():  # pragma: no cover - a read stuck inside OpenCV past its timeout
-                    log.warning("thread %s did not stop within 30 s", t.name)
+            late = self._wind_down(threads)
         if self._errors:
             raise self._errors[0]
+        if late is not None:
+            raise late
         writer = self.outputs.writer
         return VideoReport(
             frames_read=self._read,
@@ -550,6 +549,39 @@ class VideoPipeline:
             # Sources without damage accounting (live ones, test doubles) have skipped nothing.
             frames_skipped=getattr(self.source, "frames_skipped", 0),
         )
+
+    def _wind_down(self, threads: list[_Stage]) -> Optional[BaseException]:
+        """Stop every stage and wait until each has ended; returns an interruption that came
+        meanwhile, for the caller to raise afterwards.
+
+        The caller closes the writer and the source once run() returns. Closing the writer while
+        the output stage is still inside it ends in a crash inside FFmpeg (a segfault, or an abort
+        with the video lost), so a second Ctrl-C here must not cut the wait short: the stages are
+        already stopping, and each ends within a frame or a source read. The wait is on each
+        stage's own event, not Thread.join(): a join that a signal interrupts marks the thread as
+        ended while it still runs (CPython 3.11), and is_alive() then says False.
+        """
+        late: Optional[BaseException] = None
+        stopped = False
+        remaining = list(threads)
+        deadline = time.monotonic() + _JOIN_S
+        while True:
+            try:
+                if not stopped:
+                    self.stop.set()
+                    # Closing the source ends a reconnect wait at once; a read already inside
+                    # OpenCV returns within the source's read timeout.
+                    self.source.close()
+                    stopped = True
+                while remaining and time.monotonic() < deadline:
+                    if remaining[0].ended.wait(min(_POLL_S, max(0.0, deadline - time.monotonic()))):
+                        remaining.pop(0)
+                break
+            except BaseException as exc:  # a further signal while the stages stop
+                late = late or exc
+        for t in remaining:  # pragma: no cover - a read stuck inside OpenCV past its timeout
+            log.warning("thread %s did not stop within %d s", t.thread.name, _JOIN_S)
+        return late
 
     def _output_file(self, done: queue.Queue) -> None:
         last: Optional[np.ndarray] = None
@@ -572,6 +604,9 @@ class VideoPipeline:
                 item.labels, item.pending = item.seg.labels, None
             if item.seg is not None:
                 last = item.labels
+                # Counted here, not where the model ran: a frame segmented as a stop came in
+                # never reaches the video, and the report speaks of the video written.
+                self._segmented += 1
                 self._record(item.seg)
             if item.frame is not None and self.outputs.needs_pixels:
                 if self._present(item.frame, last, shown, painted=item.overlay) == "quit":
@@ -679,6 +714,14 @@ class VideoPipeline:
                 action = None
                 break
         return action
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """A pipeline stage's thread, and the event it sets when it has ended, whatever ended it."""
+
+    thread: threading.Thread
+    ended: threading.Event
 
 
 class _AlwaysSet:

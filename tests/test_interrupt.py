@@ -317,7 +317,7 @@ def test_signal_mid_video_keeps_whole_masks_and_stats(sig, tiny, videos, tmp_pat
 @pytest.mark.parametrize("signals", [1, 2], ids=["one-SIGINT", "two-SIGINTs"])
 def test_signal_right_after_the_last_frame(signals, tiny, videos, tmp_path: Path) -> None:
     """The last frame is through (the bar shows 40/40) and the video is being finished: one signal
-    lets it finish; a second cuts finishing short and removes it. Complete or absent, never half."""
+    lets it finish, and so does a second: signals wait until the video is whole."""
     child = Child(videos["short"], "-m", tiny, "-o", "out.mp4", "--stats", "stats.jsonl", cwd=tmp_path)
     child.wait_for("the last frame", lambda _err: child.progress(40) >= 40)
     for _ in range(signals):
@@ -326,10 +326,30 @@ def test_signal_right_after_the_last_frame(signals, tiny, videos, tmp_path: Path
     assert code in (0, 130, -signal.SIGINT), child.stderr  # see test_signal_at_a_spread_of_moments
     assert "Traceback" not in child.stderr
     frames = assert_outputs_whole(tmp_path, child.stdout)
-    if signals == 1 or frames is not None:
-        assert frames == 40  # the first signal came after every frame was written
-    if frames is not None:
-        assert len((tmp_path / "stats.jsonl").read_text().splitlines()) == 40
+    assert frames == 40  # the first signal came after every frame was written
+    assert len((tmp_path / "stats.jsonl").read_text().splitlines()) == 40
+
+
+def test_signals_while_the_video_is_finished_wait_for_it(tiny, videos, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Two Ctrl-C just as the video is being finished (encoder flushed, index written, file
+    moved into place): the first asks the run to stop, the second would stop it at once. Both
+    wait until the video is whole; cut short inside FFmpeg's trailer, the file could not be
+    finished and the whole run was lost."""
+    from streamseg import cli, videowriter
+
+    real_close = videowriter.VideoWriter.close
+
+    def close(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        real_close(self)
+
+    monkeypatch.setattr(videowriter.VideoWriter, "close", close)
+    code = cli.main([str(videos["short"]), "-m", str(tiny), "-o", str(tmp_path / "out.mp4"), "-q"])
+    assert code == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert leftovers(tmp_path) == []
+    assert decoded_frames(tmp_path / "out.mp4") == 40
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -8,6 +8,7 @@ fail, a thin wrapper around the real component raises on a chosen frame.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from fractions import Fraction
@@ -303,3 +304,66 @@ def test_stop_event_ends_file_run_cleanly(segmenter: Segmenter, tmp_path: Path) 
     frames = decode(tmp_path / "out.mp4")
     assert len(frames) == report.frames_written
     assert streamseg_threads() == []
+
+
+class SlowWriter:
+    """The real VideoWriter, except that once `stop` is set each frame takes 0.4 s more (a slow
+    encoder), and whether a write is under way can be read off `inside`."""
+
+    def __init__(self, inner: VideoWriter, stop: threading.Event) -> None:
+        self.inner, self.stop = inner, stop
+        self.width, self.height = inner.width, inner.height
+        self.inside = False
+
+    @property
+    def frames_written(self) -> int:
+        return self.inner.frames_written
+
+    def write(self, image: np.ndarray) -> None:
+        self.inside = True
+        try:
+            if self.stop.is_set():
+                time.sleep(0.4)
+            self.inner.write(image)
+        finally:
+            self.inside = False
+
+
+def test_ctrl_c_while_stopping_waits_for_the_writing_stage(segmenter: Segmenter, tmp_path: Path) -> None:
+    """Ctrl-C twice: the first sets the stop event (the CLI's handler), the next ones raise in the
+    caller's thread while the stages stop. run() raises only once no stage is inside the writer:
+    the caller finishes the video next, and finishing it under a frame still being encoded
+    crashed FFmpeg (a segfault, or the video lost). A Thread.join() that a signal interrupts
+    marks a running thread as ended, so the wait must not rely on it."""
+    clip = make_video(tmp_path / "long.mp4", n=300)
+    stop = threading.Event()
+    raised: list[float] = []
+
+    def interrupt(_signum, _frame) -> None:
+        if len(raised) < 2:
+            raised.append(time.monotonic())
+            raise KeyboardInterrupt
+
+    def on_frame(index: int) -> None:
+        if index == 10:
+            stop.set()
+            signal.setitimer(signal.ITIMER_REAL, 0.1, 0.15)
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with VideoSource(str(clip), stop=stop) as source, \
+                VideoWriter(tmp_path / "out.mp4", width=W, height=H, fps=source.info.fps) as real:
+            writer = SlowWriter(real, stop)
+            pipeline = VideoPipeline(source, segmenter, VideoOutputs(writer=writer), painter=painter(segmenter),
+                                     stop=stop, on_frame=on_frame)
+            with pytest.raises(KeyboardInterrupt):
+                pipeline.run()
+            inside, written = writer.inside, real.frames_written
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert not inside, "run() returned while the output stage was still writing a frame"
+    assert len(raised) == 2  # the second came while the stages stopped, and waited its turn
+    assert real.frames_written == written
+    assert streamseg_threads() == []
+    assert len(decode(tmp_path / "out.mp4")) == written
