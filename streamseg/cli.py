@@ -234,9 +234,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     configure_process()
     try:
         with _interrupts.installed(program=program):
-            return _main(argv)
+            code = _main(argv)
     except KeyboardInterrupt:  # a signal just as the run ended, between its own handlers
-        return _interrupts.report()
+        code = _interrupts.report()
+    if program and any(t.name == "streamseg-capture" and t.is_alive() for t in threading.enumerate()):
+        # A stream that stopped sending keeps its capture thread inside OpenCV's read until the
+        # read timeout; every output is finished. The interpreter's shutdown would stop that
+        # thread inside C++ code (an abort), so the process ends here, as it is.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _main(argv: list[str]) -> int:

@@ -43,6 +43,7 @@ _DEFAULT_FPS = 30.0
 _MIN_FPS, _MAX_FPS = 1.0, 1000.0
 # How often a back-off sleep looks at close(): the stop event itself wakes it at once.
 _WAKE_SLICE_S = 0.1
+_CLOSE_WAIT_S = 0.5  # how long close() waits for a read under way in another thread
 # Damaged files. A read that fails before the promised end has usually consumed one damaged packet
 # (FFmpeg refuses it, the next one decodes), so up to this many failures in a row are read past.
 _MAX_BAD_READS = 8
@@ -376,15 +377,26 @@ class VideoSource:
                     return None
 
     def close(self) -> None:
-        """Release the capture. Safe to call twice and from another thread."""
+        """Release the capture. Safe to call twice and from another thread.
+
+        A read under way in another thread is waited for briefly, not to its end: on a stream that
+        stopped sending, a read returns only at the read timeout (10 s), and a user who pressed q
+        or Ctrl-C should not wait that long. That thread then releases the capture itself when
+        its read returns (see _finished); releasing it under a read would crash OpenCV.
+        """
         # Flag first, without the lock: a reader sleeping in a reconnect back-off sees it and lets go.
-        self._closing = True
-        with self._lock:
+        again, self._closing = self._closing, True
+        if not self._lock.acquire(timeout=0 if again else _CLOSE_WAIT_S):
+            log.debug("%s: a read is under way; it releases the capture when it returns", self._label)
+            return
+        try:
             if self._closed:
                 return
             self._closed = True
             self._pending = None
             self._release()
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> "VideoSource":
         return self
@@ -475,6 +487,10 @@ class VideoSource:
     # -- reading --------------------------------------------------------------------------
 
     def _finished(self) -> bool:
+        if self._closing and not self._closed:  # close() came while this thread was inside a read
+            self._closed = True
+            self._pending = None
+            self._release()
         # No capture and nothing pending: a reconnect was cut short by stop/close; nothing to read from.
         no_input = self._cap is None and self._pending is None
         return self._closed or self._ended or no_input or self._stop.is_set()

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 _END = object()  # sentinel: no more items
 _POLL_S = 0.1  # how often a blocked put/get looks at the stop event
 _JOIN_S = 30  # the longest wait for the stages to end after a stop
+_IDLE_S = 0.1  # how often a preview with nothing new to show still looks at its keys
+_CAPTURE_GRACE_S = 0.5  # how long a stop waits for a capture stage inside a source read
 #: how far a file run's capture and output threads step back behind the model's thread (nice
 #: levels: at +10, a thread sharing a core with the model gets about 1/10 of it while the model
 #: needs the core, and all of it while the model waits)
@@ -280,10 +282,13 @@ class _Slot:
             return self._version, self._item
 
 
-def _wait_either(frames: _Slot, version: int, masks: _Slot, mask_version: Optional[int], stop: threading.Event):
+def _wait_either(frames: _Slot, version: int, masks: _Slot, mask_version: Optional[int], stop: threading.Event,
+                 idle_s: Optional[float] = None):
     """Wait for a frame newer than `version` or, unless mask_version is None, a mask newer than
     `mask_version` (the slots share one condition). Returns (frame or None, mask or None) as
-    (version, item) pairs; None once `frames` is closed and drained, or on stop."""
+    (version, item) pairs, (None, None) after `idle_s` with neither (when given); None once
+    `frames` is closed and drained, or on stop."""
+    give_up = None if idle_s is None else time.monotonic() + idle_s
     with frames._cond:
         while True:
             frame = (frames._version, frames._item) if frames._version > version else None
@@ -294,6 +299,8 @@ def _wait_either(frames: _Slot, version: int, masks: _Slot, mask_version: Option
                 return frame, mask
             if frames._closed or stop.is_set():
                 return None
+            if give_up is not None and time.monotonic() >= give_up:
+                return None, None
             frames._cond.wait(_POLL_S)
 
 
@@ -564,6 +571,7 @@ class VideoPipeline:
         late: Optional[BaseException] = None
         stopped = False
         remaining = list(threads)
+        capture: Optional[_Stage] = next((t for t in threads if t.thread.name == "streamseg-capture"), None)
         deadline = time.monotonic() + _JOIN_S
         while True:
             try:
@@ -574,13 +582,24 @@ class VideoPipeline:
                     self.source.close()
                     stopped = True
                 while remaining and time.monotonic() < deadline:
+                    # The capture stage last, and not for long: it touches only the source, and a
+                    # stalled stream keeps it inside a read until the read timeout (10 s). It ends
+                    # when that read returns; the source releases its capture then.
+                    if remaining[0] is capture and len(remaining) > 1:
+                        remaining.append(remaining.pop(0))
+                    if len(remaining) == 1 and remaining[0] is capture:
+                        deadline = min(deadline, time.monotonic() + _CAPTURE_GRACE_S)
+                        capture = None
                     if remaining[0].ended.wait(min(_POLL_S, max(0.0, deadline - time.monotonic()))):
                         remaining.pop(0)
                 break
             except BaseException as exc:  # a further signal while the stages stop
                 late = late or exc
-        for t in remaining:  # pragma: no cover - a read stuck inside OpenCV past its timeout
-            log.warning("thread %s did not stop within %d s", t.thread.name, _JOIN_S)
+        for t in remaining:
+            if t.thread.name == "streamseg-capture":
+                log.debug("the capture thread is still inside a source read; it ends when the read returns")
+            else:  # pragma: no cover - a stage stuck past every timeout
+                log.warning("thread %s did not stop within %d s", t.thread.name, _JOIN_S)
         return late
 
     def _output_file(self, done: queue.Queue) -> None:
@@ -636,13 +655,24 @@ class VideoPipeline:
         # With a window, a new mask is shown at once on the frame on screen, rather than with the
         # next frame (up to one frame interval later); recordings get source frames only.
         redraw = self.outputs.window is not None
+        window = self.outputs.window
         while True:
-            got = _wait_either(frames, version, masks, mask_version if redraw and frame is not None else None, self.stop)
+            got = _wait_either(frames, version, masks, mask_version if redraw and frame is not None else None, self.stop,
+                               idle_s=_IDLE_S if window is not None else None)
             if got is None:
                 if self.stop.is_set() and not self._errors and self._ended == "end":
                     self._ended = "stopped"
                 return
             new_frame, new_mask = got
+            if window is not None and new_frame is None and new_mask is None:
+                # Nothing new (a stream that stalled or is reconnecting): the window still answers
+                # q, Esc, its close button, space and s.
+                action = self._present(frame, last, shown, write=False) if frame is not None else window.wait_key(1)
+                if action == "quit":
+                    self._ended = "quit"
+                    self.stop.set()
+                    return
+                continue
             if new_mask is None:
                 new_mask = masks.get_newer(mask_version, _SET)
             if new_mask is not None:

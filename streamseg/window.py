@@ -71,21 +71,79 @@ def _x_server_listens(display: str) -> bool:
     return any(len(row) == 8 and row[7] == "@" + path and int(row[3], 16) & 0x10000 for row in rows[1:])
 
 
+#: libxcb's connection errors (xcb.h) and what they mean for a user setting DISPLAY.
+_XCB_ERRORS = {
+    1: "the X server refused the connection (not authorised? XAUTHORITY may be missing or "
+       "wrong, as after sudo or su; or the server went away)",
+    2: "the X server needs an extension that is missing",
+    3: "out of memory while connecting",
+    4: "the X server's answer was too long",
+    5: "it is not a display name (examples: ':0', 'localhost:10.0')",
+    6: "the X server has no such screen",
+    7: "the file-descriptor passing failed",
+}
+
+
+def _x_connection_error(display: str) -> Optional[str]:
+    """Connect to the X server the way Qt's xcb platform does (libxcb, authorisation included)
+    and stay connected: None if it accepted a client, else why not. Qt aborts the whole process when
+    this fails, so a window must not be attempted then. Unknown when libxcb cannot be loaded
+    (then None: the toolkit decides)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        xcb = ctypes.CDLL(ctypes.util.find_library("xcb") or "libxcb.so.1")
+    except OSError:
+        return None
+    xcb.xcb_connect.restype = ctypes.c_void_p
+    xcb.xcb_connect.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)]
+    xcb.xcb_connection_has_error.argtypes = [ctypes.c_void_p]
+    xcb.xcb_disconnect.argtypes = [ctypes.c_void_p]
+    # A refused connection makes the client library print the server's reason on stderr; the
+    # user gets streamseg's one line instead.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        connection = xcb.xcb_connect(display.encode(), ctypes.byref(ctypes.c_int()))
+        code = xcb.xcb_connection_has_error(connection)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    if code == 0:
+        # Kept open while this process runs: an X server whose last client leaves resets itself
+        # (a bare Xvfb, as xvfb-run starts it) and refuses the toolkit's connection meanwhile.
+        _held_connections.append(connection)
+        return None
+    xcb.xcb_disconnect(connection)
+    return _XCB_ERRORS.get(code, f"libxcb error {code}")
+
+
+_held_connections: list = []
+
+
 def _display_problem() -> Optional[str]:
     """Why a window cannot open here, or None. Only X11/Wayland systems can lack a display."""
     if os.name != "posix" or sys.platform == "darwin":
         return None
     display = os.environ.get("DISPLAY", "")
     wayland = os.environ.get("WAYLAND_DISPLAY", "")
+    # The preview opens by default for cameras and streams, so the way out names --no-show.
     if not display and not wayland:
         return ("--show needs a display: DISPLAY is not set (no X11 or Wayland session); "
-                "run without --show, or under xvfb-run")
+                "pass --no-show (with -o FILE to record), or run under xvfb-run")
     if not display and gui_backend().startswith("QT"):
         # The opencv-python wheels ship Qt with the X11 (xcb) platform plugin only.
         return (f"--show needs an X11 display: only WAYLAND_DISPLAY={wayland!r} is set and this OpenCV "
-                "draws windows with Qt over X11; set DISPLAY (XWayland) or run without --show")
+                "draws windows with Qt over X11; set DISPLAY (XWayland) or pass --no-show")
     if display and not _x_server_listens(display):
-        return f"--show cannot reach the X display DISPLAY={display!r}; check it or run without --show"
+        return f"--show cannot reach the X display DISPLAY={display!r}; check it or pass --no-show"
+    if display and gui_backend().startswith("QT"):
+        refused = _x_connection_error(display)
+        if refused is not None:
+            return f"--show cannot open a window on DISPLAY={display!r}: {refused}; or pass --no-show"
     return None
 
 

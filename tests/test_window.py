@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import os
 import queue
+import secrets
 import shutil
 import struct
 import subprocess
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import av
 import numpy as np
 import pytest
 
@@ -293,6 +295,45 @@ def test_unreachable_display_is_a_usage_error_not_an_abort():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="only X11/Wayland systems lack a display")
+def test_x_server_that_refuses_the_client_is_a_usage_error_not_an_abort(tmp_path: Path):
+    """An X server that wants a cookie the client lacks (XAUTHORITY lost to sudo, su, or ssh):
+    Qt would print its reasons and abort the process. streamseg asks the server first and gives
+    one UsageError; with the cookie, the same bare server (which resets whenever its last client
+    leaves) opens the window after that check."""
+    missing = [tool for tool in ("Xvfb", "xauth") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (Debian packages xvfb, xauth)")
+    import cv2
+
+    if "QT" not in cv2.getBuildInformation().split("GUI:")[1].splitlines()[0]:
+        pytest.skip("this OpenCV does not draw with Qt")
+    number = next(n for n in range(800, 900) if not Path(f"/tmp/.X11-unix/X{n}").exists())
+    cookies = tmp_path / "Xauthority"
+    subprocess.run(["xauth", "-f", str(cookies), "add", f":{number}", ".", secrets.token_hex(16)],
+                   check=True, capture_output=True)
+    server = subprocess.Popen(["Xvfb", f":{number}", "-auth", str(cookies), "-nolisten", "tcp", "-screen", "0", "320x240x24"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not Path(f"/tmp/.X11-unix/X{number}").exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.skip(f"Xvfb did not start (exit status {server.poll()})")
+            time.sleep(0.05)
+        refused = window_in_child({"DISPLAY": f":{number}", "XAUTHORITY": str(tmp_path / "missing"), "WAYLAND_DISPLAY": None})
+        assert refused.returncode == 0, refused.stderr  # not Qt's abort (134)
+        assert refused.stderr == ""
+        lines = refused.stdout.splitlines()
+        assert len(lines) == 2, refused.stdout
+        assert all(line.startswith(f"UsageError: --show cannot open a window on DISPLAY=':{number}': "
+                                   "the X server refused the connection") for line in lines)
+        allowed = window_in_child({"DISPLAY": f":{number}", "XAUTHORITY": str(cookies), "WAYLAND_DISPLAY": None})
+        assert allowed.stdout.split() == ["opened", "opened"], allowed.stdout + allowed.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="only X11/Wayland systems lack a display")
 def test_wayland_only_with_qt_opencv_is_a_usage_error():
     import cv2
 
@@ -301,3 +342,37 @@ def test_wayland_only_with_qt_opencv_is_a_usage_error():
     done = window_in_child({"DISPLAY": None, "WAYLAND_DISPLAY": "wayland-0"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("UsageError: --show needs an X11 display")
+
+
+def test_q_quits_the_preview_while_the_stream_is_stalled(display, tmp_path: Path):
+    """A stream that stops sending (its socket open, so no drop is noticed for 10 s, then
+    reconnects for minutes): the window still answers q at once, and the recording so far plays."""
+    from conftest import random_onnx
+    from mjpeg import MjpegServer
+
+    model = random_onnx(tmp_path / "tiny.onnx")
+    server = MjpegServer(fps=25, stall_first=15)
+    env = x_env(display)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    child = subprocess.Popen([sys.executable, "-m", "streamseg", server.url, "--model", str(model), "--show",
+                              "-o", "rec.mp4"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while server.sent[0] < 15 and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.1)
+        assert server.sent[0] == 15, child.stderr.read() if child.poll() is not None else "the stream did not start"
+        time.sleep(1.0)  # stalled: nothing new has reached the window for a second
+        press(display, window_id(display, "streamseg"), "q")
+        pressed = time.monotonic()
+        code = child.wait(timeout=20)
+        took = time.monotonic() - pressed
+        stderr = child.stderr.read()
+    finally:
+        if child.poll() is None:
+            child.kill()
+        server.stop()
+    assert code == 0, stderr
+    assert took < 3, f"q took {took:.1f} s to quit"
+    with av.open(str(tmp_path / "rec.mp4")) as video:
+        assert sum(1 for _ in video.decode(video=0)) >= 10
