@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, NoReturn, Optional, Sequence
 
@@ -336,9 +336,10 @@ def _run_images(opts: Options, paths) -> int:
         check_dir(Path(opts.stats).parent)
         check_target(Path(opts.stats), overwrite=opts.overwrite, inputs=tuple(paths))
     segmenter = _segmenter(opts)
-    stats = JsonLines(Path(opts.stats), overwrite=opts.overwrite, inputs=tuple(paths)) if opts.stats else None
     failures = 0
-    try:
+    # As for video, the stats file is published when the run ends, if it got a line.
+    with (JsonLines(Path(opts.stats), overwrite=opts.overwrite, inputs=tuple(paths))
+          if opts.stats else nullcontext()) as stats:
         for result in run_images(
             paths, segmenter, out_dir=out_dir, alpha=opts.alpha, legend=opts.legend, stats=stats,
             writing=_interrupts.deferred,
@@ -356,9 +357,6 @@ def _run_images(opts: Options, paths) -> int:
                 parts = ["no selected class found"]
             if not opts.quiet:
                 print(f"{result.path}: {w}x{h}  " + ", ".join(parts))
-    finally:
-        if stats is not None:
-            stats.close()
     if not opts.quiet and failures < len(paths):
         print(f"wrote {3 * (len(paths) - failures)} files to {out_dir}/")
     return 1 if failures else 0

@@ -121,8 +121,10 @@ class JsonLines:
     """A .jsonl file written line by line; every line is complete, and the file appears under its
     name when closed (a temporary name until then). Context manager; close() is idempotent.
 
-    A write that fails (a full disk) is cut back to the last complete line and raises SinkError;
-    close() still publishes the lines written before it.
+    Only a file that holds at least one line is published: a run that fails or is interrupted
+    before its first line leaves an earlier file of that name as it was (even with --overwrite)
+    and no empty file. A write that fails (a full disk) is cut back to the last complete line and
+    raises SinkError; close() still publishes the lines written before it.
     """
 
     def __init__(self, path: Path, *, overwrite: bool, inputs: tuple[Path, ...] = ()):
@@ -160,7 +162,11 @@ class JsonLines:
         self._size += len(data)
 
     def close(self) -> None:
+        """Publish the file if it holds a line; otherwise discard it, as abort() does."""
         if self._fd is None:
+            return
+        if self._size == 0:
+            self.abort()
             return
         fd, self._fd = self._fd, None
         try:

@@ -164,6 +164,9 @@ ROWS = [
     Row("empty directory", ("{in}/empty_dir", "-m", "{model}", "-o", "out"), 1, ("empty_dir", "no image files")),
     Row("zero-byte file", ("{in}/zero.png", "-m", "{model}", "-o", "out"), 1, ("zero.png", "0 bytes")),
     Row("text named .png", ("{in}/notes.png", "-m", "{model}", "-o", "out"), 1, ("notes.png", "could not be decoded")),
+    # A run that writes no stats line publishes no (empty) stats file.
+    Row("text named .png, with --stats", ("{in}/notes.png", "-m", "{model}", "-o", "out", "--stats", "stats.jsonl"), 1,
+        ("notes.png", "could not be decoded")),
     Row("truncated PNG", ("{in}/truncated.png", "-m", "{model}", "-o", "out"), 1, ("truncated.png",)),
     Row("text named .mp4", ("{in}/notes.mp4", "-m", "{model}", "-o", "out.mp4"), 1, ("notes.mp4", "cannot open")),
     # Documented: the frames before the cut are processed and written, one warning, exit 0.

@@ -374,6 +374,34 @@ def test_signal_in_a_batch_of_images(sig, tiny, tmp_path: Path) -> None:
     assert {str(shots / (p.name.rsplit("_", 1)[0] + ".png")) for p in written if p.name.endswith("_labels.png")} <= done
 
 
+@pytest.mark.parametrize("earlier", [False, True], ids=["no earlier stats", "earlier stats, --overwrite"])
+def test_signal_before_the_first_image_publishes_no_stats(earlier, tiny, tmp_path: Path) -> None:
+    """Ctrl-C once the model is loaded but before any image is written: no empty stats file
+    appears, and one from an earlier run stays as it was, --overwrite or not."""
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    # Large enough that reading, segmenting and painting it take a while before its files are written.
+    big = np.tile(np.linspace(0, 255, 6000, dtype=np.uint8)[None, :, None], (4000, 1, 3))
+    assert cv2.imwrite(str(shots / "a_big.png"), big)
+    cv2.imwrite(str(shots / "b_small.png"), big[:60, :80])
+    before = '{"source": "from an earlier run"}\n'
+    if earlier:
+        (tmp_path / "stats.jsonl").write_text(before)
+    child = Child(shots, "-m", tiny, "-o", "out", "--stats", "stats.jsonl", *(["--overwrite"] if earlier else []),
+                  cwd=tmp_path)
+    # The stats file's temporary appears once the model is loaded, just before the first image is read.
+    assert child.wait_for("the model to load", lambda _err: any(tmp_path.glob(".stats.jsonl.*.part")))
+    child.signal(signal.SIGINT)
+    code = child.finish()
+    assert_clean_stop(child, code, signal.SIGINT)
+    assert leftovers(tmp_path) == []
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    if earlier:
+        assert (tmp_path / "stats.jsonl").read_text() == before
+    else:
+        assert not (tmp_path / "stats.jsonl").exists()
+
+
 def test_signal_while_an_image_is_written_lets_it_finish(tiny, tmp_path: Path, monkeypatch, capsys) -> None:
     """A signal that lands between one image's PNGs (or before its stats line) is held until
     that image has all three files and its line: the run stops after it, never half-way."""
