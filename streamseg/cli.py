@@ -537,7 +537,7 @@ def _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals) -> in
 
             window = stack.enter_context(Window(f"streamseg - {info.name}"))
         stats = stack.enter_context(JsonLines(Path(opts.stats), overwrite=opts.overwrite)) if opts.stats else None
-        masks = MaskDir(Path(opts.save_masks), overwrite=opts.overwrite) if opts.save_masks else None
+        masks = stack.enter_context(MaskDir(Path(opts.save_masks), overwrite=opts.overwrite)) if opts.save_masks else None
         outputs = VideoOutputs(
             writer=writer,
             window=window,
@@ -562,7 +562,7 @@ def _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals) -> in
         pipeline = VideoPipeline(source, segmenter, outputs, settings, painter=painter, stop=stop, on_frame=on_frame)
         signals.flowing = True
         report = pipeline.run()
-    # Leaving the ExitStack finalised the video and the stats file.
+    # Leaving the ExitStack finalised the video and the stats file, and replaced earlier masks.
     if not opts.quiet:
         skipped = report.frames_skipped
         corrupt = f", {skipped} corrupt frame{'s' if skipped != 1 else ''} skipped" if skipped else ""

@@ -296,6 +296,36 @@ def test_highway_cars_are_pink(tmp_path: Path) -> None:
 
 
 @needs_model
+@needs_highway
+def test_overwrite_replaces_the_earlier_masks_as_a_whole(clips: dict[str, Path], tmp_path: Path) -> None:
+    """After --overwrite, the masks directory holds exactly this run's masks: none of an earlier,
+    longer or denser run is left to pass for a frame that was segmented. Other files stay."""
+    result = run_cli(HIGHWAY, "-o", "c.mp4", "--model", ONNX_MODEL, "--save-masks", "m", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "m").glob("*.png"))) == 38
+    mine = {"notes.txt": "the user's own", "12345.png": "five digits: not a streamseg mask",
+            "0000001.png": "seven digits: not a streamseg mask either"}
+    for name, text in mine.items():
+        (tmp_path / "m" / name).write_text(text)
+
+    result = run_cli(HIGHWAY, "-o", "c.mp4", "--model", ONNX_MODEL, "--save-masks", "m", "--stride", "3",
+                     "--overwrite", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "13 segmented" in result.stdout
+    masks = sorted(p.name for p in (tmp_path / "m").iterdir() if p.name not in mine)
+    assert masks == [f"{i:06d}.png" for i in range(0, 38, 3)]
+    assert {name: (tmp_path / "m" / name).read_text() for name in mine} == mine
+
+    # A shorter video after a longer one.
+    result = run_cli(clips["short"], "-o", "c.mp4", "--model", ONNX_MODEL, "--save-masks", "m", "--overwrite", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    masks = sorted(p.name for p in (tmp_path / "m").iterdir() if p.name not in mine)
+    assert masks == [f"{i:06d}.png" for i in range(6)]
+    assert cv2.imread(str(tmp_path / "m" / "000005.png"), cv2.IMREAD_UNCHANGED).shape == (120, 160)
+    assert temp_leftovers(tmp_path / "m") == []
+
+
+@needs_model
 def test_shipped_sample_shows_both_cars(tmp_path: Path) -> None:
     """The README's third command on the shipped sample, with the real ONNX model: every frame
     has both drawn cars partly coloured (the drawing must look like cars to a model trained on
