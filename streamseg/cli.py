@@ -321,13 +321,19 @@ def _run(opts: Options) -> int:
 
 
 def _run_images(opts: Options, paths) -> int:
+    from .sources import IMAGE_SUFFIXES
+
+    out_dir = Path(opts.output) if opts.output else Path(".")
+    # `-o result.png` would quietly become a directory of that name; one that exists already is a
+    # directory the user chose.
+    file_like = out_dir.suffix.lower() in IMAGE_SUFFIXES and not out_dir.is_dir()
+    if file_like or out_dir.suffix.lower() in (".mp4", ".mkv", ".mov", ".avi"):
+        raise UsageError(f"-o for images is a directory (each image gets <name>_overlay.png, _mask.png and "
+                         f"_labels.png in it), got '{out_dir}'")
     _libraries(opts)
     from .pipeline import check_image_targets, run_images
     from .sinks import JsonLines
 
-    out_dir = Path(opts.output) if opts.output else Path(".")
-    if out_dir.suffix.lower() in (".mp4", ".mkv", ".mov", ".avi"):
-        raise UsageError(f"-o for images is a directory, got '{out_dir}'")
     _distinct_outputs(("-o", out_dir), ("--stats", opts.stats))
     check_image_targets(paths, out_dir, overwrite=opts.overwrite)
     if opts.stats:  # before the model loads: a bad --stats path should not cost a model load first

@@ -186,6 +186,9 @@ ROWS = [
     Row("output is the input", ("{in}/clip.mp4", "-m", "{model}", "-o", "{in}/clip.mp4", "--overwrite"), 1,
         ("clip.mp4", "is the input")),
     Row("stats file is the input", IMG + ("--stats", "{in}/good.png", "--overwrite"), 1, ("good.png", "is the input")),
+    # For images -o names a directory: `-o result.png` would quietly become one.
+    Row("image -o named like an image file", IMG[:-1] + ("result.png",), 2, ("-o", "directory", "result.png")),
+    Row("image -o named like a JPEG, upper case", IMG[:-1] + ("shot.JPG",), 2, ("-o", "directory", "shot.JPG")),
     Row("image output directory is a file", ("{in}/good.png", "-m", "{model}", "-o", "{in}/blocker"), 1,
         ("blocker", "is a file")),
     Row("video output directory is a file", ("{in}/clip.mp4", "-m", "{model}", "-o", "{in}/blocker/out.mp4"), 1,

@@ -370,6 +370,19 @@ def test_a_failed_run_keeps_the_earlier_stats_file(onnx_model, media_dir, run_cl
     assert len((tmp_path / "new.jsonl").read_text().splitlines()) == 1
 
 
+def test_an_existing_directory_named_like_an_image_is_an_output_directory(tiny_onnx, run_cli, tmp_path):
+    """`-o result.png` is refused (it would become a directory), but a directory of that name
+    that the user already made is taken as the output directory it is."""
+    good = write_image(tmp_path / "good.png")
+    proc = run_cli(good, "-m", tiny_onnx, "-o", "result.png", cwd=tmp_path)
+    assert_clean_error(proc, 2, contains=("-o", "directory", "result.png"))
+    assert not (tmp_path / "result.png").exists()
+    (tmp_path / "result.png").mkdir()
+    proc = run_cli(good, "-m", tiny_onnx, "-o", "result.png", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "result.png").iterdir()) == ["good_labels.png", "good_mask.png", "good_overlay.png"]
+
+
 # --------------------------------------------------------------------------- errors (issue point 9)
 
 
