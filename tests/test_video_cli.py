@@ -246,6 +246,15 @@ def test_output_directory_gets_default_name(clips: dict[str, Path], tmp_path: Pa
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["short_overlay.mp4"]
 
 
+def test_help_says_a_video_output_may_be_a_directory(tmp_path: Path) -> None:
+    """What --help says about -o agrees with the README and the behaviour above."""
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    entry = " ".join(result.stdout.split("-o PATH, --output PATH", 1)[1].split("\n  -", 1)[0].split())
+    assert "images: output directory" in entry
+    assert "video/camera/stream: output .mp4, or a directory to write <stem>_overlay.mp4 in" in entry
+
+
 def test_output_equal_to_input_is_refused(tmp_path: Path) -> None:
     src = make_video(tmp_path / "clip.mp4", n=4, width=64, height=48)
     before = src.read_bytes()
