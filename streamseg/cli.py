@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, NoReturn, Optional, Sequence
 
@@ -329,13 +329,19 @@ def _run(opts: Options) -> int:
 
 
 def _run_images(opts: Options, paths) -> int:
+    from .sources import IMAGE_SUFFIXES
+
+    out_dir = Path(opts.output) if opts.output else Path(".")
+    # `-o result.png` would quietly become a directory of that name; one that exists already is a
+    # directory the user chose.
+    file_like = out_dir.suffix.lower() in IMAGE_SUFFIXES and not out_dir.is_dir()
+    if file_like or out_dir.suffix.lower() in (".mp4", ".mkv", ".mov", ".avi"):
+        raise UsageError(f"-o for images is a directory (each image gets <name>_overlay.png, _mask.png and "
+                         f"_labels.png in it), got '{out_dir}'")
     _libraries(opts)
     from .pipeline import check_image_targets, run_images
     from .sinks import JsonLines
 
-    out_dir = Path(opts.output) if opts.output else Path(".")
-    if out_dir.suffix.lower() in (".mp4", ".mkv", ".mov", ".avi"):
-        raise UsageError(f"-o for images is a directory, got '{out_dir}'")
     _distinct_outputs(("-o", out_dir), ("--stats", opts.stats))
     check_image_targets(paths, out_dir, overwrite=opts.overwrite)
     if opts.stats:  # before the model loads: a bad --stats path should not cost a model load first
@@ -344,9 +350,10 @@ def _run_images(opts: Options, paths) -> int:
         check_dir(Path(opts.stats).parent)
         check_target(Path(opts.stats), overwrite=opts.overwrite, inputs=tuple(paths))
     segmenter = _segmenter(opts)
-    stats = JsonLines(Path(opts.stats), overwrite=opts.overwrite, inputs=tuple(paths)) if opts.stats else None
     failures = 0
-    try:
+    # As for video, the stats file is published when the run ends, if it got a line.
+    with (JsonLines(Path(opts.stats), overwrite=opts.overwrite, inputs=tuple(paths))
+          if opts.stats else nullcontext()) as stats:
         for result in run_images(
             paths, segmenter, out_dir=out_dir, alpha=opts.alpha, legend=opts.legend, stats=stats,
             writing=_interrupts.deferred,
@@ -364,9 +371,6 @@ def _run_images(opts: Options, paths) -> int:
                 parts = ["no selected class found"]
             if not opts.quiet:
                 print(f"{result.path}: {w}x{h}  " + ", ".join(parts))
-    finally:
-        if stats is not None:
-            stats.close()
     if not opts.quiet and failures < len(paths):
         print(f"wrote {3 * (len(paths) - failures)} files to {out_dir}/")
     return 1 if failures else 0
@@ -547,7 +551,7 @@ def _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals) -> in
 
             window = stack.enter_context(Window(f"streamseg - {info.name}"))
         stats = stack.enter_context(JsonLines(Path(opts.stats), overwrite=opts.overwrite)) if opts.stats else None
-        masks = MaskDir(Path(opts.save_masks), overwrite=opts.overwrite) if opts.save_masks else None
+        masks = stack.enter_context(MaskDir(Path(opts.save_masks), overwrite=opts.overwrite)) if opts.save_masks else None
         outputs = VideoOutputs(
             writer=writer,
             window=window,
@@ -572,7 +576,7 @@ def _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals) -> in
         pipeline = VideoPipeline(source, segmenter, outputs, settings, painter=painter, stop=stop, on_frame=on_frame)
         signals.flowing = True
         report = pipeline.run()
-    # Leaving the ExitStack finalised the video and the stats file.
+    # Leaving the ExitStack finalised the video and the stats file, and replaced earlier masks.
     if not opts.quiet:
         skipped = report.frames_skipped
         corrupt = f", {skipped} corrupt frame{'s' if skipped != 1 else ''} skipped" if skipped else ""

@@ -50,7 +50,8 @@ class Options:
             "--output",
             metavar="PATH",
             help="images: output directory (default: current directory); video/camera/stream: "
-            "output .mp4 (default for a video file: <stem>_overlay.mp4)",
+            "output .mp4, or a directory to write <stem>_overlay.mp4 in (default for a video file: "
+            "<stem>_overlay.mp4 in the current directory)",
         ),
     )
     model: str = field(

@@ -23,15 +23,19 @@ from __future__ import annotations
 import io
 import logging
 import os
+import sys
+import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from .config import ExportOptions, parse_input_size
 from .model import TorchModel, weights_for
 from .sinks import atomic_path, check_target, ensure_dir
-from .types import ModelLoadError, SinkError
+from .types import ModelLoadError, SinkError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,10 @@ def export_onnx(opts: ExportOptions) -> Path:
     Raises SinkError when the output exists (without `overwrite`) or cannot be written, and
     ModelLoadError when the weights cannot be loaded or the exporter fails.
     """
+    opsets = supported_opsets()
+    if opts.opset not in opsets:  # before anything is built or traced
+        raise UsageError(f"--opset {opts.opset} is not supported: torch {torch.__version__} exports "
+                         f"opsets {opsets.start} to {opsets.stop - 1}")
     out = Path(opts.output)
     width, height = parse_input_size(opts.input_size)
     # Check the target before loading anything: a refused overwrite should cost nothing.
@@ -94,12 +102,53 @@ def _weights_label(opts: ExportOptions) -> str:
     return str(weights_for(opts.model))
 
 
+def supported_opsets() -> range:
+    """The ONNX opsets that the installed torch's TorchScript-based exporter (the one streamseg
+    uses) writes: 7 to 20 in torch 2.5 to 2.14."""
+    try:
+        from torch.onnx import _constants  # private: fall back to what torch 2.14 says
+
+        return range(_constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET + 1)
+    except (ImportError, AttributeError):
+        return range(7, 21)
+
+
+@contextmanager
+def _native_output_to_debug_log() -> Iterator[None]:
+    """Hold back what the block writes to file descriptors 1 and 2; it goes to the debug log.
+
+    When the TorchScript exporter fails, its C++ side prints the whole traced graph to stderr,
+    hundreds of lines before streamseg's one-line error; `--debug` still shows it."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    try:
+        saved = (os.dup(1), os.dup(2))
+    except OSError:  # no such descriptors to redirect (an embedding program): nothing to hold back
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        try:
+            os.dup2(held.fileno(), 1)
+            os.dup2(held.fileno(), 2)
+            yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            if log.isEnabledFor(logging.DEBUG) and held.tell():
+                held.seek(0)
+                log.debug("the ONNX exporter printed:\n%s", held.read().decode("utf-8", "replace").rstrip())
+
+
 def _export_bytes(net: torch.nn.Module, *, width: int, height: int, opset: int, name: str) -> bytes:
     """The ONNX protobuf of `net` (N, 3, H, W) -> (N, C, H, W) logits, traced at H x W."""
     example = torch.zeros(1, 3, height, width)
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings():
+        with _native_output_to_debug_log(), warnings.catch_warnings(record=True) as caught:
             # The legacy exporter announces its own deprecation on every call; that is ours to
             # track, not the user's to read.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -119,6 +168,9 @@ def _export_bytes(net: torch.nn.Module, *, width: int, height: int, opset: int, 
     except Exception as exc:  # the exporter raises many types (RuntimeError, OnnxExporterError, ...)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"cannot export {name} to ONNX at {width}x{height}, opset {opset}: {first}") from exc
+    # What the exporter warns about (a Resize that may not match torch below opset 11), one line each.
+    for text in dict.fromkeys(" ".join(str(w.message).split()) for w in caught):
+        log.warning("ONNX exporter: %s", text)
     return buf.getvalue()
 
 

@@ -6,6 +6,7 @@ results are yielded to the CLI (or any caller) to report.
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,7 @@ def run_images(
         try:
             image = read_image(path)
         except SourceError as exc:
-            yield ImageResult(path=path, error=str(exc))
+            yield ImageResult(path=path, error=_too_large(path) or str(exc))
             continue
         ensure_dir(out_dir)  # created on first use: a failed run leaves no empty directory
         seg = segmenter(image)
@@ -96,3 +97,34 @@ def run_images(
             if stats is not None:
                 stats.write(record)
         yield ImageResult(path=path, segmentation=seg, outputs=targets)
+
+
+# OpenCV refuses to decode images with more pixels than this (its default; the variable raises it).
+_CV_MAX_PIXELS_ENV = "CV_IO_MAX_IMAGE_PIXELS"
+
+
+def _too_large(path: Path) -> Optional[str]:
+    """Why an image OpenCV would not decode is refused, where its header says it is too large:
+    "could not be decoded ... corrupt" would send the user looking for damage that is not there.
+    Reads the size from the header only (PIL opens lazily); None where it cannot, or it is not that."""
+    try:
+        limit = int(os.environ.get(_CV_MAX_PIXELS_ENV, "") or 1 << 30)
+    except ValueError:
+        limit = 1 << 30
+    from PIL import Image
+
+    # PIL refuses to even open such a file (its own decompression-bomb guard), though nothing is
+    # decoded here; lift that guard for the header read alone.
+    guard = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except Exception:  # not an image PIL knows, unreadable, corrupt header: the first reason stands
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
+    if width * height <= limit:
+        return None
+    return (f"image '{path}' is too large: {width}x{height} is {width * height:,} pixels, more than the "
+            f"{limit:,} OpenCV decodes (the {_CV_MAX_PIXELS_ENV} environment variable raises that limit)")

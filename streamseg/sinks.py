@@ -121,8 +121,10 @@ class JsonLines:
     """A .jsonl file written line by line; every line is complete, and the file appears under its
     name when closed (a temporary name until then). Context manager; close() is idempotent.
 
-    A write that fails (a full disk) is cut back to the last complete line and raises SinkError;
-    close() still publishes the lines written before it.
+    Only a file that holds at least one line is published: a run that fails or is interrupted
+    before its first line leaves an earlier file of that name as it was (even with --overwrite)
+    and no empty file. A write that fails (a full disk) is cut back to the last complete line and
+    raises SinkError; close() still publishes the lines written before it.
     """
 
     def __init__(self, path: Path, *, overwrite: bool, inputs: tuple[Path, ...] = ()):
@@ -160,7 +162,11 @@ class JsonLines:
         self._size += len(data)
 
     def close(self) -> None:
+        """Publish the file if it holds a line; otherwise discard it, as abort() does."""
         if self._fd is None:
+            return
+        if self._size == 0:
+            self.abort()
             return
         fd, self._fd = self._fd, None
         try:
@@ -184,29 +190,67 @@ class JsonLines:
         self.close()
 
 
+def _masks_in(path: Path) -> list[Path]:
+    """The files in `path` named as streamseg names masks (six digits, .png), in name order.
+    Other files a user keeps there are never counted, replaced or removed."""
+    return sorted(p for p in path.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png") if p.is_file())
+
+
 def check_mask_dir(path: Path, *, overwrite: bool) -> None:
     """Fail early, creating nothing, when `path` cannot take masks, or holds masks of an earlier
     run and `overwrite` is off (every run writes 000000.png first, so they would collide)."""
     check_dir(path)
     if not overwrite and path.is_dir():
-        old = next(iter(sorted(path.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"))), None)
+        old = next(iter(_masks_in(path)), None)
         if old is not None:
             raise SinkError(f"masks directory '{path}' already holds masks ('{old.name}' ...); "
                             "pass --overwrite to replace them, or choose another directory")
 
 
 class MaskDir:
-    """`--save-masks DIR`: each segmented frame's (H, W) uint8 label map as DIR/<index:06d>.png."""
+    """`--save-masks DIR`: each segmented frame's (H, W) uint8 label map as DIR/<index:06d>.png.
+
+    Context manager; close() is idempotent. With `overwrite`, an earlier run's masks are replaced
+    as a whole when the run ends: close() removes those this run did not write over, so that DIR
+    then holds exactly this run's masks (a stride-3 run after a stride-1 one leaves no 000001.png
+    that would pass for a segmented frame). Nothing is removed up front, and a run that ends
+    before its first mask leaves the earlier masks as they were.
+    """
 
     def __init__(self, path: Path, *, overwrite: bool):
         check_mask_dir(path, overwrite=overwrite)
         self.path = ensure_dir(path)
         self.overwrite = overwrite
         self.written = 0
+        self._earlier: set[str] = {p.name for p in _masks_in(path)} if overwrite else set()
+        self._names: set[str] = set()
+        self._closed = False
 
     def write(self, index: int, labels: np.ndarray) -> None:
         target = self.path / f"{index:06d}.png"
         if target.exists() and not self.overwrite:
             raise SinkError(f"mask '{target}' exists; pass --overwrite to replace it")
         write_png(target, labels)
+        self._names.add(target.name)
         self.written += 1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.written:
+            return
+        stale = sorted(self._earlier - self._names)
+        for name in stale:
+            try:
+                (self.path / name).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove '%s', a mask of an earlier run: %s", self.path / name, exc.strerror or exc)
+        if stale:
+            log.debug("removed %d masks of an earlier run from '%s'", len(stale), self.path)
+
+    def __enter__(self) -> "MaskDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

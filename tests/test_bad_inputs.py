@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -52,6 +54,20 @@ def _faststart_mp4(path: Path, *, n: int, width: int = 160, height: int = 120) -
                         container_format="mp4", container_options={"movflags": "+faststart"})
 
 
+def _huge_png(path: Path, *, width: int, height: int) -> Path:
+    """A valid PNG of width x height black pixels (1-bit grey), written a row at a time: a few
+    hundred KB on disk and never the whole picture in memory."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte + packed bits
+    packer = zlib.compressobj(9)
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
+
+
 class _RunsCode:
     """Unpickling this creates `marker`: the kind of payload weights_only loading must refuse."""
 
@@ -73,6 +89,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "truncated.png").write_bytes(png[: len(png) // 2])
     (d / "zero.png").write_bytes(b"")
     (d / "notes.png").write_text("this is text, not a PNG\n")
+    _huge_png(d / "huge.png", width=40000, height=40000)  # more pixels than OpenCV decodes (2**30)
     (d / "notes.mp4").write_text("this is text, not an MP4\n")
     (d / "empty_dir").mkdir()
     (d / "blocker").write_text("a file where an output directory should go\n")
@@ -164,6 +181,12 @@ ROWS = [
     Row("empty directory", ("{in}/empty_dir", "-m", "{model}", "-o", "out"), 1, ("empty_dir", "no image files")),
     Row("zero-byte file", ("{in}/zero.png", "-m", "{model}", "-o", "out"), 1, ("zero.png", "0 bytes")),
     Row("text named .png", ("{in}/notes.png", "-m", "{model}", "-o", "out"), 1, ("notes.png", "could not be decoded")),
+    # A run that writes no stats line publishes no (empty) stats file.
+    Row("text named .png, with --stats", ("{in}/notes.png", "-m", "{model}", "-o", "out", "--stats", "stats.jsonl"), 1,
+        ("notes.png", "could not be decoded")),
+    # A valid image, only too large to decode: it says so, rather than "truncated/corrupt".
+    Row("PNG of 40000x40000 pixels", ("{in}/huge.png", "-m", "{model}", "-o", "out"), 1,
+        ("huge.png", "too large", "40000x40000", "1,600,000,000 pixels", "1,073,741,824", "CV_IO_MAX_IMAGE_PIXELS")),
     Row("truncated PNG", ("{in}/truncated.png", "-m", "{model}", "-o", "out"), 1, ("truncated.png",)),
     Row("text named .mp4", ("{in}/notes.mp4", "-m", "{model}", "-o", "out.mp4"), 1, ("notes.mp4", "cannot open")),
     # Documented: the frames before the cut are processed and written, one warning, exit 0.
@@ -183,6 +206,9 @@ ROWS = [
     Row("output is the input", ("{in}/clip.mp4", "-m", "{model}", "-o", "{in}/clip.mp4", "--overwrite"), 1,
         ("clip.mp4", "is the input")),
     Row("stats file is the input", IMG + ("--stats", "{in}/good.png", "--overwrite"), 1, ("good.png", "is the input")),
+    # For images -o names a directory: `-o result.png` would quietly become one.
+    Row("image -o named like an image file", IMG[:-1] + ("result.png",), 2, ("-o", "directory", "result.png")),
+    Row("image -o named like a JPEG, upper case", IMG[:-1] + ("shot.JPG",), 2, ("-o", "directory", "shot.JPG")),
     Row("image output directory is a file", ("{in}/good.png", "-m", "{model}", "-o", "{in}/blocker"), 1,
         ("blocker", "is a file")),
     Row("video output directory is a file", ("{in}/clip.mp4", "-m", "{model}", "-o", "{in}/blocker/out.mp4"), 1,

@@ -345,6 +345,44 @@ def test_offline_download_error(run_cli, tmp_path):
     assert files_under(tmp_path / "out") == []
 
 
+def test_a_failed_run_keeps_the_earlier_stats_file(onnx_model, media_dir, run_cli, tmp_path):
+    """A run that writes no stats line (every image fails) leaves an earlier stats file as it was,
+    even with --overwrite, and creates no empty one that the next run would refuse to replace."""
+    proc = run_cli(media_dir / "highway_1.jpg", media_dir / "highway_4.jpg", "-m", onnx_model, "-o", "out",
+                   "--stats", "stats.jsonl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    earlier = (tmp_path / "stats.jsonl").read_text()
+    assert len(earlier.splitlines()) == 2
+    (tmp_path / "text.png").write_text("this is text, not a PNG\n")
+
+    proc = run_cli("text.png", "-m", onnx_model, "-o", "out", "--stats", "stats.jsonl", "--overwrite", cwd=tmp_path)
+    assert_clean_error(proc, 1, contains=("text.png", "could not be decoded"))
+    assert (tmp_path / "stats.jsonl").read_text() == earlier
+
+    proc = run_cli("text.png", "-m", onnx_model, "-o", "out", "--stats", "new.jsonl", cwd=tmp_path)
+    assert_clean_error(proc, 1, contains=("text.png",))
+    assert not (tmp_path / "new.jsonl").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+    # Nothing stands in the way of the next run, without --overwrite.
+    proc = run_cli(media_dir / "highway_1.jpg", "-m", onnx_model, "-o", "out2", "--stats", "new.jsonl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len((tmp_path / "new.jsonl").read_text().splitlines()) == 1
+
+
+def test_an_existing_directory_named_like_an_image_is_an_output_directory(tiny_onnx, run_cli, tmp_path):
+    """`-o result.png` is refused (it would become a directory), but a directory of that name
+    that the user already made is taken as the output directory it is."""
+    good = write_image(tmp_path / "good.png")
+    proc = run_cli(good, "-m", tiny_onnx, "-o", "result.png", cwd=tmp_path)
+    assert_clean_error(proc, 2, contains=("-o", "directory", "result.png"))
+    assert not (tmp_path / "result.png").exists()
+    (tmp_path / "result.png").mkdir()
+    proc = run_cli(good, "-m", tiny_onnx, "-o", "result.png", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "result.png").iterdir()) == ["good_labels.png", "good_mask.png", "good_overlay.png"]
+
+
 # --------------------------------------------------------------------------- errors (issue point 9)
 
 

@@ -129,3 +129,43 @@ def test_cli_export_subcommand(weights_file: Path, tmp_path: Path, capsys):
     code = cli.main(["export", "-m", NAME, "--weights", str(weights_file), "-o", str(out), "--input-size", "64x48"])
     assert code == 1
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opset", ["3", "999", "21"])
+def test_an_opset_torch_cannot_export_is_a_usage_error_before_any_work(opset: str, weights_file: Path, tmp_path: Path, capfd):
+    """Refused in one line before the model is built and traced (which took seconds and then
+    printed the traced graph, hundreds of lines); the range is what the installed torch exports."""
+    from streamseg.export import supported_opsets
+
+    out = tmp_path / "x.onnx"
+    code = cli.main(["export", "-m", NAME, "--weights", str(weights_file), "-o", str(out), "--opset", opset])
+    captured = capfd.readouterr()
+    assert code == 2
+    opsets = supported_opsets()
+    assert captured.err.splitlines() == [
+        f"streamseg: error: --opset {opset} is not supported: torch {torch.__version__} exports "
+        f"opsets {opsets.start} to {opsets.stop - 1}"
+    ]
+    assert captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_that_fails_says_one_line_and_no_graph_dump(weights_file: Path, tmp_path: Path, capfd):
+    """Opset 7 is one torch exports, but not these models' bilinear resize: the exporter fails,
+    and its C++ side prints the whole graph to stderr. The user sees one line; --debug shows all."""
+    args = ["export", "-m", NAME, "--weights", str(weights_file), "-o", str(tmp_path / "x.onnx"), "--input-size",
+            "64x48", "--opset", "7"]
+    code = cli.main(args)
+    captured = capfd.readouterr()
+    assert code == 1
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamseg: error: cannot export lraspp_mobilenet_v3_large"), captured.err
+    assert "opset 7" in lines[0]
+    assert captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+    code = cli.main(args + ["--debug"])
+    captured = capfd.readouterr()
+    assert code == 1
+    assert "graph" in captured.err and "Traceback" in captured.err
+    assert captured.err.splitlines()[-1] == lines[0]

@@ -314,6 +314,43 @@ def test_signal_mid_video_keeps_whole_masks_and_stats(sig, tiny, videos, tmp_pat
     assert masks == stats and set(range(0, frames, 2)) <= set(masks) and all(i % 2 == 0 for i in masks)
 
 
+def test_signal_mid_video_replaces_the_earlier_masks(tiny, videos, tmp_path: Path) -> None:
+    """--overwrite over an earlier run's masks, stopped mid-video: the run winds down, keeps its
+    partial video, and the masks directory then holds this run's masks only."""
+    masks_dir = tmp_path / "masks"
+    masks_dir.mkdir()
+    earlier = np.zeros((120, 160), np.uint8)
+    for i in range(400):  # a denser run over the whole video
+        cv2.imwrite(str(masks_dir / f"{i:06d}.png"), earlier)
+    child = Child(videos["long"], "-m", tiny, "-o", "out.mp4", "--stride", "2", "--save-masks", "masks",
+                  "--stats", "stats.jsonl", "--overwrite", cwd=tmp_path)
+    assert child.wait_for("frames going through", lambda _err: child.progress(400) >= 20)
+    child.signal(signal.SIGINT)
+    code = child.finish()
+    assert_clean_stop(child, code, signal.SIGINT)
+    frames = assert_outputs_whole(tmp_path, child.stdout)
+    assert frames is not None and 20 <= frames < 400
+    masks = sorted(int(p.stem) for p in masks_dir.glob("*.png"))
+    stats = [json.loads(line)["index"] for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert masks == stats and all(i % 2 == 0 for i in masks)
+
+
+def test_signal_before_frames_flow_keeps_the_earlier_masks(tiny, videos, tmp_path: Path) -> None:
+    """A run stopped before it wrote a mask leaves an earlier run's masks as they were."""
+    masks_dir = tmp_path / "masks"
+    masks_dir.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(masks_dir / f"{i:06d}.png"), np.full((120, 160), i, np.uint8))
+    before = {p.name: p.read_bytes() for p in masks_dir.iterdir()}
+    child = Child(videos["short"], "-m", tiny, "-o", "out.mp4", "--save-masks", "masks", "--overwrite", cwd=tmp_path)
+    child.wait_until_main()
+    child.signal(signal.SIGINT)
+    code = child.finish()
+    assert_clean_stop(child, code, signal.SIGINT)
+    assert {p.name: p.read_bytes() for p in masks_dir.iterdir()} == before
+    assert leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("signals", [1, 2], ids=["one-SIGINT", "two-SIGINTs"])
 def test_signal_right_after_the_last_frame(signals, tiny, videos, tmp_path: Path) -> None:
     """The last frame is through (the bar shows 40/40) and the video is being finished: one signal
@@ -372,6 +409,34 @@ def test_signal_in_a_batch_of_images(sig, tiny, tmp_path: Path) -> None:
     lines = (tmp_path / "out" / "stats.jsonl").read_text().splitlines()
     done = {json.loads(line)["source"] for line in lines}
     assert {str(shots / (p.name.rsplit("_", 1)[0] + ".png")) for p in written if p.name.endswith("_labels.png")} <= done
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["no earlier stats", "earlier stats, --overwrite"])
+def test_signal_before_the_first_image_publishes_no_stats(earlier, tiny, tmp_path: Path) -> None:
+    """Ctrl-C once the model is loaded but before any image is written: no empty stats file
+    appears, and one from an earlier run stays as it was, --overwrite or not."""
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    # Large enough that reading, segmenting and painting it take a while before its files are written.
+    big = np.tile(np.linspace(0, 255, 6000, dtype=np.uint8)[None, :, None], (4000, 1, 3))
+    assert cv2.imwrite(str(shots / "a_big.png"), big)
+    cv2.imwrite(str(shots / "b_small.png"), big[:60, :80])
+    before = '{"source": "from an earlier run"}\n'
+    if earlier:
+        (tmp_path / "stats.jsonl").write_text(before)
+    child = Child(shots, "-m", tiny, "-o", "out", "--stats", "stats.jsonl", *(["--overwrite"] if earlier else []),
+                  cwd=tmp_path)
+    # The stats file's temporary appears once the model is loaded, just before the first image is read.
+    assert child.wait_for("the model to load", lambda _err: any(tmp_path.glob(".stats.jsonl.*.part")))
+    child.signal(signal.SIGINT)
+    code = child.finish()
+    assert_clean_stop(child, code, signal.SIGINT)
+    assert leftovers(tmp_path) == []
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    if earlier:
+        assert (tmp_path / "stats.jsonl").read_text() == before
+    else:
+        assert not (tmp_path / "stats.jsonl").exists()
 
 
 def test_signal_while_an_image_is_written_lets_it_finish(tiny, tmp_path: Path, monkeypatch, capsys) -> None:

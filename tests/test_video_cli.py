@@ -246,6 +246,15 @@ def test_output_directory_gets_default_name(clips: dict[str, Path], tmp_path: Pa
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["short_overlay.mp4"]
 
 
+def test_help_says_a_video_output_may_be_a_directory(tmp_path: Path) -> None:
+    """What --help says about -o agrees with the README and the behaviour above."""
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    entry = " ".join(result.stdout.split("-o PATH, --output PATH", 1)[1].split("\n  -", 1)[0].split())
+    assert "images: output directory" in entry
+    assert "video/camera/stream: output .mp4, or a directory to write <stem>_overlay.mp4 in" in entry
+
+
 def test_output_equal_to_input_is_refused(tmp_path: Path) -> None:
     src = make_video(tmp_path / "clip.mp4", n=4, width=64, height=48)
     before = src.read_bytes()
@@ -293,6 +302,36 @@ def test_highway_cars_are_pink(tmp_path: Path) -> None:
             # Pinker than the source: red up, green down.
             assert (got[inside][:, 2] - got[inside][:, 1]).mean() > (src[inside][:, 2] - src[inside][:, 1]).mean() + 60
         assert np.abs(got[outside] - src[outside]).mean() < 8, f"frame {i}: non-car pixels changed"
+
+
+@needs_model
+@needs_highway
+def test_overwrite_replaces_the_earlier_masks_as_a_whole(clips: dict[str, Path], tmp_path: Path) -> None:
+    """After --overwrite, the masks directory holds exactly this run's masks: none of an earlier,
+    longer or denser run is left to pass for a frame that was segmented. Other files stay."""
+    result = run_cli(HIGHWAY, "-o", "c.mp4", "--model", ONNX_MODEL, "--save-masks", "m", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "m").glob("*.png"))) == 38
+    mine = {"notes.txt": "the user's own", "12345.png": "five digits: not a streamseg mask",
+            "0000001.png": "seven digits: not a streamseg mask either"}
+    for name, text in mine.items():
+        (tmp_path / "m" / name).write_text(text)
+
+    result = run_cli(HIGHWAY, "-o", "c.mp4", "--model", ONNX_MODEL, "--save-masks", "m", "--stride", "3",
+                     "--overwrite", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "13 segmented" in result.stdout
+    masks = sorted(p.name for p in (tmp_path / "m").iterdir() if p.name not in mine)
+    assert masks == [f"{i:06d}.png" for i in range(0, 38, 3)]
+    assert {name: (tmp_path / "m" / name).read_text() for name in mine} == mine
+
+    # A shorter video after a longer one.
+    result = run_cli(clips["short"], "-o", "c.mp4", "--model", ONNX_MODEL, "--save-masks", "m", "--overwrite", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    masks = sorted(p.name for p in (tmp_path / "m").iterdir() if p.name not in mine)
+    assert masks == [f"{i:06d}.png" for i in range(6)]
+    assert cv2.imread(str(tmp_path / "m" / "000005.png"), cv2.IMREAD_UNCHANGED).shape == (120, 160)
+    assert temp_leftovers(tmp_path / "m") == []
 
 
 @needs_model
