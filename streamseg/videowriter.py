@@ -19,9 +19,12 @@ Policy, in one place:
   pts n in time base 1/fps, so the output has the source's frame count and duration.
 * Odd sizes: H.264 4:2:0 cannot describe an odd width or height (its cropping window counts in
   2-pixel units), so an odd frame is padded right/bottom by one replicated pixel: 641x361 -> 642x362.
-* Audio from `audio_from` is remuxed packet by packet (never re-encoded), interleaved with the video as
-  frames arrive. If fewer frames are written than the source holds, the audio stops at the video's
-  end. An audio codec MP4 cannot hold is dropped with one warning.
+* Audio from `audio_from`, interleaved with the video as frames arrive: AAC, MP3 and Opus (what MP4
+  carries and Chrome, Firefox and Safari play there) are remuxed packet by packet, untouched; any
+  other codec (PCM, AC-3, FLAC, Vorbis ...) is decoded and re-encoded to AAC, with one info line,
+  keeping its offset to the video and its length. If fewer frames are written than the source
+  holds, the audio stops at the video's end. Audio that cannot be decoded or encoded is dropped
+  with one warning: the video is written without it.
 * If libx264 cannot be opened (PyAV missing, encoder not built in), or ``STREAMSEG_FORCE_MP4V=1`` is set,
   OpenCV writes MPEG-4 Part 2 ('mp4v') instead, video only, with one warning.
 """
@@ -133,6 +136,139 @@ class _AudioCopy:
             packet.stream = self._out
             container.mux(packet)
 
+    def finish(self, container: Any, end_s: Optional[Fraction]) -> None:
+        """The last call: mux what is left up to `end_s` (None: all of it)."""
+        self.copy_until(container, end_s)
+
+    def close(self) -> None:
+        self._source.close()
+
+
+#: Audio codecs that MP4 carries and that Chrome, Firefox and Safari all play there: copied untouched.
+#: Anything else (PCM, AC-3, FLAC, Vorbis, ...) plays in some browsers or none, so it becomes AAC.
+BROWSER_AUDIO = frozenset({"aac", "mp3", "opus"})
+
+
+#: Audio packets read, before the output is started, to prove the audio decodes at all (a damaged
+#: track is not read to its end to find that out).
+_FIRST_AUDIO_PACKETS = 64
+
+
+class _AudioUnusable(Exception):
+    """The source's audio cannot be decoded, or AAC cannot be encoded from it."""
+
+
+class _AudioEncode:
+    """Decodes the audio of one source file and encodes it as AAC into the output, in time order.
+
+    The samples stay continuous from the source's first audio frame on, which keeps its offset to
+    the video (placed as _AudioCopy places packets); the sample rate is kept where AAC has it
+    (48 kHz otherwise), and so are the channels where AAC can hold their layout (stereo otherwise).
+    """
+
+    def __init__(self, av: Any, source: Any, in_stream: Any, container: Any, video_start_s: Fraction,
+                 video_duration_s: Optional[Fraction], read_errors: tuple[type[BaseException], ...]) -> None:
+        self._source = source
+        self._read_errors = read_errors
+        self.video_duration_s = video_duration_s
+        self._packets: Iterator[Any] = source.demux(in_stream)
+        self._decoded: list[Any] = []  # source frames decoded but not yet resampled
+        self._done = False
+        try:
+            # Decoded before the output's header is written, so that audio which cannot be read
+            # costs the audio track, not the run.
+            first = self._decode_more(limit=_FIRST_AUDIO_PACKETS)
+        except read_errors as error:
+            raise _AudioUnusable(f"cannot decode it: {error}") from error
+        if first is None:
+            raise _AudioUnusable(f"none of its first {_FIRST_AUDIO_PACKETS} packets decodes")
+        ctx = in_stream.codec_context
+        rates = av.codec.Codec("aac", "w").audio_rates or ()
+        self.rate = ctx.sample_rate if ctx.sample_rate in rates else 48000
+        self._out = self._open_encoder(av, container, first.layout)
+        self.layout = self._out.codec_context.layout.name
+        size = self._out.codec_context.frame_size or 1024
+        self._resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate, frame_size=size)
+        # Output time of the first sample: the first frame's offset to the video's first frame.
+        start = first.pts * first.time_base if first.pts is not None and first.time_base else Fraction(0)
+        self._next_pts = round((start - video_start_s) * self.rate)
+        self._ready: list[Any] = []  # resampled AAC-sized frames, pts set, not yet encoded
+        self._flushed = False
+
+    def _open_encoder(self, av: Any, container: Any, layout: Any) -> Any:
+        """An AAC stream in `container`, with the source's channel layout where AAC can hold it
+        (tried on a stand-alone encoder first: a stream once added cannot be taken out again)."""
+        errors = []
+        for name in dict.fromkeys((layout.name, "stereo" if layout.nb_channels > 1 else "mono")):
+            trial = av.CodecContext.create("aac", "w")
+            try:
+                trial.sample_rate, trial.layout, trial.format = self.rate, name, "fltp"
+                trial.open()
+            except (ValueError, av.FFmpegError) as error:
+                errors.append(f"{name}: {error}")
+                continue
+            stream = container.add_stream("aac", rate=self.rate)
+            stream.layout = name
+            stream.codec_context.open()
+            return stream
+        raise _AudioUnusable("AAC cannot encode its channels (" + "; ".join(errors) + ")")
+
+    def _decode_more(self, limit: Optional[int] = None) -> Optional[Any]:
+        """Decode packets (at most `limit`) until a frame is waiting; the first waiting one, or None."""
+        while not self._decoded and not self._done and limit != 0:
+            packet = next(self._packets, None)
+            if packet is None:
+                self._done = True
+                break
+            self._decoded.extend(packet.decode())  # the final empty packet flushes the decoder
+            limit = None if limit is None else limit - 1
+        return self._decoded[0] if self._decoded else None
+
+    def _next(self) -> Optional[Any]:
+        while not self._ready and not self._flushed:
+            try:
+                frame = self._decode_more()
+            except self._read_errors as error:
+                # A damaged source costs the rest of the audio, not the video being written.
+                log.warning("cannot read more audio from %s (%s); the rest of the output is silent",
+                            self._source.name, error)
+                self._done, frame = True, None
+                self._decoded.clear()
+            if frame is not None:
+                self._decoded.pop(0)
+            else:
+                self._flushed = True  # the resampler hands out its last, shorter frame
+            for out in self._resampler.resample(frame):
+                out.pts, out.time_base = self._next_pts, Fraction(1, self.rate)
+                self._next_pts += out.samples
+                self._ready.append(out)
+        return self._ready[0] if self._ready else None
+
+    def copy_until(self, container: Any, end_s: Optional[Fraction], *, cut: bool = False) -> None:
+        """Encode and mux every frame that starts before `end_s` (seconds of output time; None: all).
+        With `cut`, the frame across `end_s` is shortened to end there."""
+        while (frame := self._next()) is not None:
+            if end_s is not None and frame.pts >= end_s * self.rate:
+                return
+            self._ready.pop(0)
+            keep = None if end_s is None else math.ceil(end_s * self.rate) - frame.pts
+            if cut and keep is not None and keep < frame.samples:
+                frame = self._shortened(frame, keep)
+            for packet in self._out.encode(frame):
+                container.mux(packet)
+
+    def _shortened(self, frame: Any, samples: int) -> Any:
+        short = type(frame).from_ndarray(frame.to_ndarray()[:, :samples], format=frame.format.name,
+                                         layout=self.layout)
+        short.sample_rate, short.pts, short.time_base = self.rate, frame.pts, frame.time_base
+        return short
+
+    def finish(self, container: Any, end_s: Optional[Fraction]) -> None:
+        """The last call: encode up to `end_s` (None: all of it), cut there, and flush the encoder."""
+        self.copy_until(container, end_s, cut=True)
+        for packet in self._out.encode(None):
+            container.mux(packet)
+
     def close(self) -> None:
         self._source.close()
 
@@ -154,7 +290,7 @@ class _H264Output:
         self._av = av
         self._tmp = tmp
         self._time_base = 1 / rate
-        self._audio: Optional[_AudioCopy] = None
+        self._audio: Optional[_AudioCopy | _AudioEncode] = None
         self._packets = 0  # video packets out of the encoder so far, and the largest of them
         self._largest = 0
         self._size_guess = width * height // 4  # a frame's size before the encoder has shown one
@@ -203,7 +339,7 @@ class _H264Output:
             self.drop()
             raise
 
-    def _open_audio(self, audio_from: Path) -> Optional[_AudioCopy]:
+    def _open_audio(self, audio_from: Path) -> Optional[_AudioCopy | _AudioEncode]:
         av = self._av
         try:
             source = av.open(str(audio_from), mode="r", timeout=10.0)
@@ -216,17 +352,9 @@ class _H264Output:
                 source.close()
                 return None
             in_stream = source.streams.audio[0]
-            name = in_stream.codec_context.name
-            if name not in self._container.supported_codecs:
-                log.warning("audio codec %r of %s cannot go into MP4; writing video only", name, audio_from)
-                source.close()
-                return None
-            try:
-                out_stream = self._container.add_stream_from_template(in_stream)
-            except (av.FFmpegError, ValueError) as error:
-                log.warning("cannot copy the %r audio of %s (%s); writing video only", name, audio_from, error)
-                source.close()
-                return None
+            codec = in_stream.codec_context.codec if in_stream.codec_context is not None else None
+            # The codec's own name ("mp3"), not its decoder's ("mp3float").
+            name = codec.canonical_name if codec is not None else "unknown"
             video_start_s = Fraction(0)
             video_duration_s: Optional[Fraction] = None
             if source.streams.video:
@@ -235,8 +363,30 @@ class _H264Output:
                     video_start_s = vs.start_time * vs.time_base
                 if vs.duration:
                     video_duration_s = vs.duration * vs.time_base
-            return _AudioCopy(source, in_stream, out_stream, video_start_s, video_duration_s,
-                              read_errors=(av.FFmpegError, OSError))
+            errors = (av.FFmpegError, OSError)
+            if name in BROWSER_AUDIO and name in self._container.supported_codecs:
+                try:
+                    out_stream = self._container.add_stream_from_template(in_stream)
+                except (av.FFmpegError, ValueError) as error:
+                    log.warning("cannot copy the %r audio of %s (%s); writing video only", name, audio_from, error)
+                    source.close()
+                    return None
+                return _AudioCopy(source, in_stream, out_stream, video_start_s, video_duration_s, errors)
+            if codec is None:
+                log.warning("cannot re-encode the audio of %s to AAC (FFmpeg has no decoder for it); "
+                            "writing video only", audio_from)
+                source.close()
+                return None
+            try:
+                audio = _AudioEncode(av, source, in_stream, self._container, video_start_s, video_duration_s, errors)
+            except _AudioUnusable as error:
+                log.warning("cannot re-encode the %r audio of %s to AAC (%s); writing video only",
+                            name, audio_from, error)
+                source.close()
+                return None
+            log.info("re-encoding the %s audio of %s to AAC (%d Hz, %s): browsers do not play %s in MP4",
+                     name, audio_from, audio.rate, audio.layout, name)
+            return audio
         except BaseException:
             source.close()
             raise
@@ -272,7 +422,7 @@ class _H264Output:
             # last frame. A run stopped early: cut, so there is no audio over a frozen frame.
             if full is not None and end_s >= full - self._time_base / 2:
                 end_s = None
-            self._audio.copy_until(self._container, end_s)
+            self._audio.finish(self._container, end_s)
         self._container.close()
         self.drop()
 

@@ -22,6 +22,8 @@ import cv2
 import numpy as np
 import pytest
 
+from media import make_sound_source, sound_onset_s
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 ONNX_MODEL = SHARED / "models" / "deeplabv3_mobilenetv2_voc_257.onnx"
@@ -244,6 +246,24 @@ def test_output_directory_gets_default_name(clips: dict[str, Path], tmp_path: Pa
     assert wrote_count(result.stdout, "short_overlay.mp4") == 6
     assert probe(target)["frames"] == 6
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["short_overlay.mp4"]
+
+
+@needs_model
+def test_pcm_audio_in_mkv_comes_out_as_aac(tmp_path: Path) -> None:
+    # PCM copied into MP4 made the muxer fail at the very end: every frame segmented, then exit 1
+    # and no output. Browsers do not play PCM (nor AC-3) in MP4 anyway.
+    src = make_sound_source(tmp_path / "pcm.mkv", audio="pcm_s16le", container="matroska")
+    result = run_cli(src, "-o", "out.mp4", "--model", ONNX_MODEL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert wrote_count(result.stdout, "out.mp4") == 25
+    assert [line for line in result.stderr.splitlines() if "AAC" in line] == [
+        f"re-encoding the pcm_s16le audio of {src} to AAC (48000 Hz, stereo): browsers do not play pcm_s16le in MP4"]
+    assert "warning" not in result.stderr and "error" not in result.stderr
+    out = probe(tmp_path / "out.mp4")
+    assert out["frames"] == 25 and out["audio"] is not None and out["audio"]["codec"] == "aac"
+    assert out["audio"]["duration_s"] == pytest.approx(1.0, abs=0.025)
+    assert sound_onset_s(tmp_path / "out.mp4") == pytest.approx(sound_onset_s(src), abs=0.005)
+    assert temp_leftovers(tmp_path) == []
 
 
 def test_output_equal_to_input_is_refused(tmp_path: Path) -> None:
