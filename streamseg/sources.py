@@ -289,6 +289,8 @@ class VideoSource:
         self._unplaced = 0
         self._watch = 0
         self._last_ms: Optional[float] = None
+        # The last frame handed out with a media time of its own: (index, seconds).
+        self._timed: tuple[int, float] = (0, 0.0)
         self._ended = False
         self._closing = False
         self._closed = False
@@ -487,8 +489,18 @@ class VideoSource:
     def _make_frame(self, image: np.ndarray, captured: float) -> Frame:
         index = self._take_index()
         # Files carry media time so results line up with the video; live sources carry wall-clock time.
-        timestamp = captured if self.info.live else index / self.info.fps
+        timestamp = captured if self.info.live else self._media_time(index)
         return Frame(image=image, index=index, timestamp_s=timestamp)
+
+    def _media_time(self, index: int) -> float:
+        """Seconds from the video's start to frame `index`, decoded just now: the decoder's media
+        time, which a variable-frame-rate file needs (index / fps is only its average); where the
+        decoder gives none, frame intervals at the nominal rate on from the last frame that had one."""
+        if self._last_ms is not None:
+            self._timed = (index, self._last_ms / 1000.0)
+            return self._timed[1]
+        last_index, last_s = self._timed
+        return last_s + (index - last_index) / self.info.fps
 
     def _place(self) -> bool:
         """Account for frames of a file lost just before the one decoded now; False to drop this one.

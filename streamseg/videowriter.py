@@ -15,8 +15,11 @@ Policy, in one place:
 * Encoder speed: `auto_preset()` picks ``ultrafast`` when the model runs on the CPU (the encoder
   shares the cores with it: 7 ms per 720p frame against 29 ms for ``veryfast``, for files about 1.8x
   larger at the same CRF) and ``veryfast`` when a GPU runs the model.
-* Timing is exact: fps becomes a fraction (29.97002997 -> 30000/1001, 25.0 -> 25) and frame n gets
-  pts n in time base 1/fps, so the output has the source's frame count and duration.
+* Timing is exact: fps becomes a fraction (29.97002997 -> 30000/1001, 25.0 -> 25). A frame written
+  with its source timestamp keeps it, so a variable-frame-rate video stays in sync with its audio;
+  a timestamp within a millisecond of the nominal grid n/fps is put exactly on it, so a
+  constant-rate source keeps its frame count, rate and duration exactly. A frame without one
+  follows the previous frame by 1/fps. (The 'mp4v' fallback writes every frame 1/fps apart.)
 * Odd sizes: H.264 4:2:0 cannot describe an odd width or height (its cropping window counts in
   2-pixel units), so an odd frame is padded right/bottom by one replicated pixel: 641x361 -> 642x362.
 * Audio from `audio_from`, interleaved with the video as frames arrive: AAC, MP3 and Opus (what MP4
@@ -289,7 +292,13 @@ class _H264Output:
 
         self._av = av
         self._tmp = tmp
-        self._time_base = 1 / rate
+        self._rate = rate
+        # Ticks of the stream's clock per nominal frame: fine enough (under 1 ms) to place the frames
+        # of a variable-rate source, coarse enough that the nominal grid n/fps falls on ticks.
+        self._ticks = _ticks_per_frame(rate)
+        self._time_base = 1 / (rate * self._ticks)
+        self._last_pts: Optional[int] = None
+        self._end_s = Fraction(0)  # where the video written so far ends, in seconds
         self._audio: Optional[_AudioCopy | _AudioEncode] = None
         self._packets = 0  # video packets out of the encoder so far, and the largest of them
         self._largest = 0
@@ -391,18 +400,37 @@ class _H264Output:
             source.close()
             raise
 
-    def write(self, image: np.ndarray, index: int) -> None:
+    def write(self, image: np.ndarray, timestamp_s: Optional[float]) -> None:
         yuv = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420)  # (H * 3 / 2, W): Y, then U, then V
         frame = self._av.VideoFrame.from_ndarray(yuv, format="yuv420p")
-        frame.pts = index
-        frame.time_base = self._time_base
-        frame.duration = 1  # lets the muxer give the last frame its full length
+        pts = self._pts(timestamp_s)
+        # As long as the gap before it: a constant-rate video's frames all last 1/fps, and the last
+        # frame of a variable-rate one lasts as long as its neighbour (the muxer needs it for the end).
+        duration = self._ticks if self._last_pts is None else pts - self._last_pts
+        frame.pts, frame.time_base, frame.duration = pts, self._time_base, duration
+        self._last_pts = pts
+        self._end_s = (pts + duration) * self._time_base
         for packet in self._video.encode(frame):
             self._packets += 1
             self._largest = max(self._largest, packet.size)
             self._container.mux(packet)
         if self._audio is not None:
-            self._audio.copy_until(self._container, (index + 1) * self._time_base)
+            self._audio.copy_until(self._container, self._end_s)
+
+    def _pts(self, timestamp_s: Optional[float]) -> int:
+        """The next frame's pts in ticks: its timestamp, snapped to the nominal grid where it lies
+        that close; 1/fps after the previous frame without one; never at or before the previous."""
+        if timestamp_s is None or not math.isfinite(timestamp_s):
+            return 0 if self._last_pts is None else self._last_pts + self._ticks
+        slots = Fraction(timestamp_s) * self._rate
+        nearest = round(slots)
+        if abs(slots - nearest) / self._rate <= min(_SNAP_S, 1 / (4 * self._rate)):
+            pts = nearest * self._ticks
+        else:
+            pts = round(slots * self._ticks)
+        if self._last_pts is not None and pts <= self._last_pts:
+            pts = self._last_pts + 1  # a repeated or backward timestamp: the next tick keeps the order
+        return pts
 
     def reserve(self, frames_written: int) -> int:
         """Bytes the file may still grow by once the next frame is in and it is finished: the
@@ -416,11 +444,11 @@ class _H264Output:
         for packet in self._video.encode(None):
             self._container.mux(packet)
         if self._audio is not None:
-            end_s: Optional[Fraction] = frames_written * self._time_base
+            end_s: Optional[Fraction] = self._end_s
             full = self._audio.video_duration_s
             # The whole source went through: keep its whole audio, even a tail slightly past the
             # last frame. A run stopped early: cut, so there is no audio over a frozen frame.
-            if full is not None and end_s >= full - self._time_base / 2:
+            if full is not None and end_s >= full - 1 / (2 * self._rate):
                 end_s = None
             self._audio.finish(self._container, end_s)
         self._container.close()
@@ -445,8 +473,8 @@ class _Mp4vOutput:
         if not self._writer.isOpened():
             raise SinkError(f"OpenCV cannot open an 'mp4v' writer for {tmp}")
 
-    def write(self, image: np.ndarray, index: int) -> None:
-        self._writer.write(image)
+    def write(self, image: np.ndarray, timestamp_s: Optional[float]) -> None:
+        self._writer.write(image)  # OpenCV's writer has no timestamps: every frame lasts 1/fps
 
     def reserve(self, frames_written: int) -> int:
         return _RESERVE_BASE + _INDEX_BYTES_PER_FRAME * (frames_written + 1) + 2 * self._size_guess
@@ -568,8 +596,9 @@ class VideoWriter:
                     "and carries no audio", reason, self.path)
         return _Mp4vOutput(self._tmp, width=width, height=height, rate=self.rate)
 
-    def write(self, image: np.ndarray) -> None:
-        """Append one (height, width, 3) uint8 BGR frame; it lasts 1/fps seconds."""
+    def write(self, image: np.ndarray, timestamp_s: Optional[float] = None) -> None:
+        """Append one (height, width, 3) uint8 BGR frame, shown from `timestamp_s` (seconds from
+        the video's start, the source frame's media time) or, without one, 1/fps after the last."""
         if self._closed:
             raise RuntimeError(f"write() on the closed VideoWriter for {self.path}")
         if self._failed is not None:
@@ -589,7 +618,7 @@ class VideoWriter:
             raise SinkError(f"cannot write {self.path}: {short}; stopped after {self.frames_written} "
                             f"frame{'' if self.frames_written == 1 else 's'} to finish the video with them")
         try:
-            self._out.write(image, self.frames_written)
+            self._out.write(image, timestamp_s)
         except (OSError, cv2.error) + _av_errors() as error:
             self._failed = error
             raise SinkError(f"cannot write {self.path}: {_describe(error)}") from error
@@ -677,6 +706,20 @@ class VideoWriter:
             # The exception already on its way out says more about what went wrong first, and it
             # gets the one error line; this is a consequence.
             log.warning("%s", error)
+
+
+#: How close to the nominal grid n/fps a frame's timestamp must be to be put on it: timestamps
+#: rounded to milliseconds (Matroska, WebM) still give a constant-rate video its exact rate.
+_SNAP_S = Fraction(1, 1000)
+
+
+def _ticks_per_frame(rate: Fraction) -> int:
+    """The smallest power of two that cuts a frame at `rate` into ticks of 1 ms or less (25 fps:
+    64 ticks of 0.625 ms, so MP4 keeps the 1/12800 s clock it would pick for 1/25 s)."""
+    ticks = 1
+    while 1 / (rate * ticks) > Fraction(1, 1000):
+        ticks *= 2
+    return ticks
 
 
 #: What finishing a file needs beyond its frames: the muxer's buffer (32 KiB), the header, slack.

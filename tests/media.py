@@ -80,3 +80,43 @@ def sound_onset_s(path: Path) -> float:
             if loud.size:
                 return float(frame.pts * frame.time_base) + loud[0] / frame.sample_rate
     raise AssertionError(f"no tone in {path}")
+
+
+def make_vfr_video(path: Path, times_s: Iterable[float], *, width: int = 64, height: int = 48,
+                   audio: bool = True) -> Path:
+    """An H.264 MP4 whose frame i is shown at times_s[i] (a variable frame rate) and is a flat grey
+    of level 20 + 2 * i, with (audio=True) a 440 Hz AAC tone from 0 to the end, as mk_vfr_audio does."""
+    times = list(times_s)
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "ultrafast"}
+        video.codec_context.time_base = video.time_base = Fraction(1, 1000)
+        sound = None
+        if audio:
+            sound = out.add_stream("aac", rate=48000)
+            sound.layout = "mono"
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 20 + 2 * i, np.uint8), format="bgr24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+        if sound is not None:
+            total = round((times[-1] + 0.2) * 48000)
+            tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(total) / 48000)).astype(np.float32)
+            for start in range(0, total, 1024):
+                frame = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format="fltp", layout="mono")
+                frame.sample_rate, frame.pts, frame.time_base = 48000, start, Fraction(1, 48000)
+                for packet in sound.encode(frame):
+                    out.mux(packet)
+            for packet in sound.encode(None):
+                out.mux(packet)
+    return path
+
+
+def frame_times_s(path: Path) -> list[float]:
+    """When each video frame of `path` is shown, in seconds, in display order."""
+    with av.open(str(path)) as container:
+        return [float(f.pts * f.time_base) for f in container.decode(video=0)]

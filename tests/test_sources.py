@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from media import encode_video
+from media import encode_video, make_vfr_video
 from streamseg.sources import (
     IMAGE_SUFFIXES,
     SUPPORTED_SCHEMES,
@@ -262,6 +262,17 @@ def test_video_file_info_and_frames(video_2997: Path) -> None:
     assert [grey_index(f) for f in frames] == list(range(30))
     assert all(f.image.shape == (361, 641, 3) and f.image.dtype == np.uint8 for f in frames)
     assert frames[29].timestamp_s == pytest.approx(29 / info.fps)
+
+
+def test_frames_carry_their_media_time_at_a_variable_rate(tmp_path: Path) -> None:
+    times = [i / 25 for i in range(10)] + [0.4 + i / 5 for i in range(5)]
+    src = make_vfr_video(tmp_path / "vfr.mp4", times, audio=False)
+    with VideoSource(str(src)) as source:
+        frames = []
+        while (frame := source.read()) is not None:
+            frames.append(frame)
+    assert [f.index for f in frames] == list(range(15))
+    assert [f.timestamp_s for f in frames] == pytest.approx(times, abs=1e-6)
 
 
 def test_video_grab_skips_and_keeps_counting(video_2997: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
-from media import make_sound_source, sound_onset_s
+from media import frame_times_s, make_sound_source, make_vfr_video, sound_onset_s
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -264,6 +264,32 @@ def test_pcm_audio_in_mkv_comes_out_as_aac(tmp_path: Path) -> None:
     assert out["audio"]["duration_s"] == pytest.approx(1.0, abs=0.025)
     assert sound_onset_s(tmp_path / "out.mp4") == pytest.approx(sound_onset_s(src), abs=0.005)
     assert temp_leftovers(tmp_path) == []
+
+
+#: 3 s at 25 fps, then 3 s at 5 fps: a variable frame rate, 90 frames, 15.4 fps on average.
+VFR_TIMES = [i / 25 for i in range(75)] + [3 + i / 5 for i in range(15)]
+
+
+@needs_model
+@pytest.mark.parametrize("stride", ["1", "3"])
+def test_variable_frame_rate_keeps_every_frame_at_its_time(tmp_path: Path, stride: str) -> None:
+    # Written at the average rate, frame 75 (3.000 s in the source) came out at 4.867 s while the
+    # audio was copied as it is: picture and sound drifted up to 1.9 s apart.
+    src = make_vfr_video(tmp_path / "vfr.mp4", VFR_TIMES)
+    result = run_cli(src, "-o", "out.mp4", "--model", ONNX_MODEL, "--stride", stride, "--stats", "stats.jsonl",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert wrote_count(result.stdout, "out.mp4") == 90
+    shown = frame_times_s(tmp_path / "out.mp4")
+    assert len(shown) == 90
+    assert max(abs(a - b) for a, b in zip(shown, VFR_TIMES)) < 0.001
+    assert shown[75] == pytest.approx(3.0, abs=0.001)
+    before, after = probe(src), probe(tmp_path / "out.mp4")
+    assert after["audio"]["packets"] == before["audio"]["packets"]  # the sound, copied as it is, fits again
+    assert after["audio"]["duration_s"] == pytest.approx(before["audio"]["duration_s"], abs=1e-3)
+    stats = read_stats(tmp_path / "stats.jsonl")
+    assert [s["index"] for s in stats] == list(range(0, 90, int(stride)))
+    assert [s["timestamp_s"] for s in stats] == pytest.approx(VFR_TIMES[::int(stride)], abs=1e-6)
 
 
 def test_output_equal_to_input_is_refused(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 
-from media import BURST_S, make_sound_source, sound_onset_s
+from media import BURST_S, frame_times_s, make_sound_source, sound_onset_s
 from streamseg.types import SinkError
 from streamseg.videowriter import FORCE_MP4V_ENV, VideoWriter, exact_rate
 
@@ -235,6 +235,27 @@ def test_audio_that_does_not_decode_warns_once_and_writes_video_only(tmp_path, c
     assert got["audio"] is None and got["frames"] == 25 and got["codec"] == "h264"
 
 
+def test_frames_keep_their_timestamps_and_a_constant_rate_stays_exact(tmp_path):
+    image = np.zeros((48, 64, 3), np.uint8)
+    # 29.97 fps with timestamps rounded to milliseconds, as Matroska and WebM store them.
+    ntsc = tmp_path / "ntsc.mp4"
+    with VideoWriter(ntsc, width=64, height=48, fps=30000 / 1001) as writer:
+        for i in range(30):
+            writer.write(image, round(i * 1001 / 30) / 1000)
+    got = probe(ntsc)
+    assert got["frames"] == 30 and got["rate"] == NTSC
+    assert got["video_s"] == pytest.approx(30 * 1001 / 30000, abs=1e-6)
+    assert frame_times_s(ntsc) == pytest.approx([i * 1001 / 30000 for i in range(30)], abs=1e-6)
+    # A variable rate: each frame where its timestamp says, frames without one 1/fps after the last.
+    vfr = tmp_path / "vfr.mp4"
+    times = [0.0, 0.04, 0.08, 0.5, None, 0.9, 0.9031, 1.5]
+    with VideoWriter(vfr, width=64, height=48, fps=10) as writer:
+        for t in times:
+            writer.write(image, t)
+    expected = [0.0, 0.04, 0.08, 0.5, 0.6, 0.9, 0.9031, 1.5]
+    assert frame_times_s(vfr) == pytest.approx(expected, abs=0.0005)
+
+
 def test_exact_rate():
     assert exact_rate(30000 / 1001) == NTSC
     assert exact_rate(24000 / 1001) == Fraction(24000, 1001)
@@ -380,8 +401,7 @@ def test_full_disk_is_a_sink_error_and_keeps_the_frames_so_far(tmp_path):
     script = textwrap.dedent(f"""
         import resource, signal, sys
         import numpy as np
-        from media import BURST_S, make_sound_source, sound_onset_s
-from streamseg.types import SinkError
+        from streamseg.types import SinkError
         from streamseg.videowriter import VideoWriter
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # report EFBIG instead of killing the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
