@@ -340,7 +340,11 @@ def test_video_open_failures(tmp_path: Path) -> None:
     fake.write_text("this is a text file, not a video\n")
     with pytest.raises(SourceError) as info:
         VideoSource(str(fake))
-    assert str(info.value) == f"cannot open video '{fake}': not a video OpenCV can read"
+    assert str(info.value) == f"cannot open video '{fake}': not a video file, or too damaged to read"
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(SourceError, match=r"is empty \(0 bytes\)"):
+        VideoSource(str(empty))
     with pytest.raises(UsageError):
         VideoSource(str(tmp_path))  # a directory is an image source
     with pytest.raises(ValueError):
