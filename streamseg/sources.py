@@ -565,6 +565,9 @@ class VideoSource:
         return fps
 
     def _probe_frame_count(self) -> Optional[int]:
+        if self._probe.frame_count is not None:
+            return self._probe.frame_count  # the container's own count
+        # Otherwise OpenCV's estimate, duration x fps, where the duration may be the audio's.
         count = float(self._cap.get(cv2.CAP_PROP_FRAME_COUNT))
         # Unknown lengths come back as 0, -1 or -2**63 depending on the container.
         if not math.isfinite(count) or count <= 0:
@@ -666,7 +669,7 @@ class VideoSource:
                 self._watch = _GAP_WINDOW
                 return True
             self._ended = True
-            if expected is not None and self._next_index < expected:
+            if expected is not None and self._next_index < expected and not self._reached_end(expected):
                 log.warning(
                     "%s ended after %d of %d frames (truncated or corrupt file?)",
                     self._label, self._next_index, expected,
@@ -690,6 +693,15 @@ class VideoSource:
                 self._label, width, height, self.info.width, self.info.height,
             )
         return True
+
+    def _reached_end(self, expected: int) -> bool:
+        """Whether a file that gave fewer frames than `expected` was read to its end all the same."""
+        if self._probe.frame_count is None and expected - self._next_index <= 1:
+            return True  # only OpenCV's estimate, duration x fps rounded, which is one frame out either way
+        # An AVI index counts an empty entry for a frame the encoder dropped: the frames still
+        # reach the end of the stream, which a file cut short does not.
+        end, last_ms = self._probe.duration_s, self._last_ms
+        return end is not None and last_ms is not None and last_ms / 1000 + 1.5 / self.info.fps >= end
 
     def _retry(self, failure: str) -> bool:
         """Reopen with back-off after `failure` (a one-line description).

@@ -11,6 +11,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -319,6 +320,62 @@ def test_truncated_video_warns_and_ends(tmp_path: Path, caplog: pytest.LogCaptur
     messages = warnings_from(caplog)
     assert len(messages) == 1
     assert f"{len(indices)} of 30 frames" in messages[0] and "cut.avi" in messages[0]
+
+
+def mkv_with_longer_sound(path: Path, n: int) -> Path:
+    """n frames at 25 fps in Matroska, which keeps no frame count, with sound 30 ms longer than the
+    picture: OpenCV estimates the count from the file's duration, round((n / 25 + 0.03) * 25) = n + 1."""
+    with av.open(str(path), "w", format="matroska") as out:
+        video = out.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        sound = out.add_stream("aac", rate=48000)
+        sound.layout = "mono"
+        for i in range(n):
+            for packet in video.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 5 * i, np.uint8), "bgr24")):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+        total = round((n / 25 + 0.03) * 48000)
+        for start in range(0, total, 1024):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, min(1024, total - start)), np.float32), format="fltp",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = 48000, start
+            for packet in sound.encode(frame):
+                out.mux(packet)
+        for packet in sound.encode(None):
+            out.mux(packet)
+    return path
+
+
+def avi_with_dropped_frame(path: Path, n: int) -> Path:
+    """n frames in an AVI whose second frame slot is empty (the encoder dropped it): the index
+    counts n + 1 entries, the picture holds n frames that reach the end of the stream."""
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("mjpeg", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuvj420p"
+        for i, pts in enumerate([0, *range(2, n + 1)]):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 5 * i, np.uint8), format="bgr24")
+            frame.pts, frame.time_base = pts, Fraction(1, 25)
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("make", [mkv_with_longer_sound, avi_with_dropped_frame], ids=["mkv-estimate", "avi-empty-entry"])
+def test_healthy_file_one_frame_short_of_its_count_is_not_called_truncated(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, make) -> None:
+    # Both once warned "ended after 38 of 39 frames (truncated or corrupt file?)".
+    path = make(tmp_path / ("clip.mkv" if make is mkv_with_longer_sound else "clip.avi"), 38)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with VideoSource(str(path)) as source:
+        assert source.info.frame_count == 39  # what the container (or OpenCV's estimate) says
+        frames = []
+        while (frame := source.read()) is not None:
+            frames.append(frame)
+    assert len(frames) == 38
+    assert warnings_from(caplog) == []
 
 
 def test_absurd_fps_falls_back_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
