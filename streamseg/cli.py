@@ -22,7 +22,7 @@ from argparse_dataclass import ArgumentParser
 
 from . import __version__
 from .config import ExportOptions, Options, parse_input_size, parse_triple
-from .types import SourceError, StreamsegError, UsageError
+from .types import StreamsegError, UsageError
 
 log = logging.getLogger("streamseg")
 
@@ -476,8 +476,10 @@ def _run_video(opts: Options, kind: str) -> int:
 
     spec = opts.sources[0]
     inputs = (Path(spec),) if kind == "video" else ()
-    if kind == "video" and not Path(spec).exists():  # say so before the model loads
-        raise SourceError(f"video '{spec}' does not exist")
+    if kind == "video":  # say what is wrong with the file before the model loads
+        from .sources import probe_video
+
+        probe_video(spec)
     out = _video_output(opts, kind, spec)
     if out is not None:
         ensure_dir(out.parent if str(out.parent) else Path("."))

@@ -13,6 +13,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import math
@@ -20,8 +21,9 @@ import os
 import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import cv2
@@ -207,6 +209,101 @@ def expand_image_sources(specs: Sequence[str]) -> list[Path]:
 # --------------------------------------------------------------------------- video, cameras, streams
 
 
+@dataclass(frozen=True, slots=True)
+class VideoProbe:
+    """What a video file's container says about its first video stream.
+
+    frame_count: the container's own count (MP4, MOV, AVI index); None where it keeps none
+    (Matroska, WebM, MPEG-TS), so only an estimate from duration x fps is to be had.
+    duration_s: the video stream's length; None where the container does not say.
+    """
+
+    frame_count: Optional[int]
+    duration_s: Optional[float]
+
+
+def probe_video(spec: str) -> VideoProbe:
+    """Check that the file `spec` holds a video stream with a picture that decodes, without a word
+    from FFmpeg on the terminal; fast (one frame is decoded), so the CLI calls it before the model
+    loads. Raises SourceError saying what is wrong: missing, empty (0 bytes), not a video (or too
+    damaged to open), no video stream (an audio file), or no frame that decodes.
+    """
+    label = f"video '{spec}'"
+    try:
+        size = os.stat(spec).st_size
+    except FileNotFoundError:
+        raise SourceError(f"{label} does not exist") from None
+    except OSError as exc:
+        raise SourceError(f"cannot read {label}: {exc.strerror or exc}") from None
+    if size == 0:
+        raise SourceError(f"{label} is empty (0 bytes)")
+    try:
+        import av  # PyAV's FFmpeg keeps its log to itself unless asked
+    except ImportError:  # pragma: no cover - a dependency; without it OpenCV alone judges the file
+        return VideoProbe(frame_count=None, duration_s=None)
+    try:
+        container = av.open(spec, timeout=10.0)
+    except (av.FFmpegError, OSError) as error:
+        log.debug("FFmpeg cannot open %s: %s", spec, error)
+        if isinstance(error, PermissionError):
+            raise SourceError(f"cannot read {label}: permission denied") from None
+        raise SourceError(f"cannot open {label}: not a video file, or too damaged to read") from None
+    with container:
+        if not container.streams.video:
+            kinds = sorted({stream.type for stream in container.streams})
+            raise SourceError(f"{label} has no video stream" + (f" (only {', '.join(kinds)})" if kinds else ""))
+        stream = container.streams.video[0]
+        if not _decodes(av, container, stream):
+            raise SourceError(f"{label} has no readable frames")
+        duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
+        return VideoProbe(frame_count=stream.frames or None, duration_s=duration)
+
+
+def _decodes(av: Any, container: Any, stream: Any) -> bool:
+    """Whether a frame of `stream` decodes within its first packets (damaged ones are read past,
+    as VideoSource reads past them)."""
+    failures = 0
+    try:
+        for packet in container.demux(stream):
+            try:
+                if packet.decode():
+                    return True
+            except (av.FFmpegError, OSError) as error:
+                failures += 1
+                log.debug("%s: undecodable packet: %s", container.name, error)
+                if failures > _MAX_BAD_READS:
+                    return False
+    except (av.FFmpegError, OSError) as error:  # the file ends in the middle of a packet
+        log.debug("%s: cannot read on: %s", container.name, error)
+    return False
+
+
+#: Set for OpenCV's own FFmpeg (read once, when OpenCV first uses it); -8 is FFmpeg's AV_LOG_QUIET.
+_FFMPEG_LOG_ENV = "OPENCV_FFMPEG_LOGLEVEL"
+
+
+@contextlib.contextmanager
+def _quiet_opencv() -> Iterator[None]:
+    """Keep OpenCV's and its FFmpeg's own log lines ("moov atom not found", "[ WARN:0@1.2] global
+    cap.cpp ...") off the terminal while a capture opens, unless streamseg logs at debug level
+    (--debug): whatever is wrong reaches the user as streamseg's one line.
+
+    OpenCV reads FFmpeg's level once for the process, at its first capture, so FFmpeg's messages
+    (about damaged packets too) stay off for the run; streamseg reports lost frames itself. A
+    level the user set in OPENCV_FFMPEG_LOGLEVEL is left alone.
+    """
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    os.environ.setdefault(_FFMPEG_LOG_ENV, "-8")
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
 def decode_threads_for(model_device: str) -> Optional[int]:
     """FFmpeg decoder threads for a run whose model runs on `model_device` ('cpu', 'cuda').
 
@@ -290,9 +387,12 @@ class VideoSource:
         self._unplaced = 0
         self._watch = 0
         self._last_ms: Optional[float] = None
+        # The last frame handed out with a media time of its own: (index, seconds).
+        self._timed: tuple[int, float] = (0, 0.0)
         self._ended = False
         self._closing = False
         self._closed = False
+        self._probe = VideoProbe(frame_count=None, duration_s=None)  # files: what their container says
         if kind == "camera":
             self._label = f"camera {int(spec)}"
             name = self._label
@@ -413,19 +513,18 @@ class VideoSource:
     def _open_once(self) -> None:
         """Open the capture and read its first frame into self._pending, or raise SourceError."""
         if self._kind == "video":
-            path = Path(self._spec)
-            if not path.exists():
-                raise SourceError(f"video '{self._spec}' does not exist")
-        cap = self._new_capture()
-        try:
-            if not cap.isOpened():
-                raise SourceError(self._open_failure())
-            ok, image = cap.read()
-            if not ok or image is None or not image.size:
-                raise SourceError(self._first_read_failure())
-        except BaseException:
-            cap.release()
-            raise
+            self._probe = probe_video(self._spec)
+        with _quiet_opencv():
+            cap = self._new_capture()
+            try:
+                if not cap.isOpened():
+                    raise SourceError(self._open_failure())
+                ok, image = cap.read()
+                if not ok or image is None or not image.size:
+                    raise SourceError(self._first_read_failure())
+            except BaseException:
+                cap.release()
+                raise
         self._cap = cap
         self._pending = (image, time.monotonic())
         if self._kind == "video":
@@ -478,6 +577,9 @@ class VideoSource:
         return fps
 
     def _probe_frame_count(self) -> Optional[int]:
+        if self._probe.frame_count is not None:
+            return self._probe.frame_count  # the container's own count
+        # Otherwise OpenCV's estimate, duration x fps, where the duration may be the audio's.
         count = float(self._cap.get(cv2.CAP_PROP_FRAME_COUNT))
         # Unknown lengths come back as 0, -1 or -2**63 depending on the container.
         if not math.isfinite(count) or count <= 0:
@@ -503,8 +605,18 @@ class VideoSource:
     def _make_frame(self, image: np.ndarray, captured: float) -> Frame:
         index = self._take_index()
         # Files carry media time so results line up with the video; live sources carry wall-clock time.
-        timestamp = captured if self.info.live else index / self.info.fps
+        timestamp = captured if self.info.live else self._media_time(index)
         return Frame(image=image, index=index, timestamp_s=timestamp)
+
+    def _media_time(self, index: int) -> float:
+        """Seconds from the video's start to frame `index`, decoded just now: the decoder's media
+        time, which a variable-frame-rate file needs (index / fps is only its average); where the
+        decoder gives none, frame intervals at the nominal rate on from the last frame that had one."""
+        if self._last_ms is not None:
+            self._timed = (index, self._last_ms / 1000.0)
+            return self._timed[1]
+        last_index, last_s = self._timed
+        return last_s + (index - last_index) / self.info.fps
 
     def _place(self) -> bool:
         """Account for frames of a file lost just before the one decoded now; False to drop this one.
@@ -573,7 +685,7 @@ class VideoSource:
                 self._watch = _GAP_WINDOW
                 return True
             self._ended = True
-            if expected is not None and self._next_index < expected:
+            if expected is not None and self._next_index < expected and not self._reached_end(expected):
                 log.warning(
                     "%s ended after %d of %d frames (truncated or corrupt file?)",
                     self._label, self._next_index, expected,
@@ -597,6 +709,15 @@ class VideoSource:
                 self._label, width, height, self.info.width, self.info.height,
             )
         return True
+
+    def _reached_end(self, expected: int) -> bool:
+        """Whether a file that gave fewer frames than `expected` was read to its end all the same."""
+        if self._probe.frame_count is None and expected - self._next_index <= 1:
+            return True  # only OpenCV's estimate, duration x fps rounded, which is one frame out either way
+        # An AVI index counts an empty entry for a frame the encoder dropped: the frames still
+        # reach the end of the stream, which a file cut short does not.
+        end, last_ms = self._probe.duration_s, self._last_ms
+        return end is not None and last_ms is not None and last_ms / 1000 + 1.5 / self.info.fps >= end
 
     def _retry(self, failure: str) -> bool:
         """Reopen with back-off after `failure` (a one-line description).

@@ -88,7 +88,7 @@ class _Writer(Protocol):
     height: int
     frames_written: int
 
-    def write(self, image: np.ndarray) -> None: ...
+    def write(self, image: np.ndarray, timestamp_s: Optional[float] = None) -> None: ...
 
 
 class _Balance:
@@ -720,7 +720,9 @@ class VideoPipeline:
         if writer is not None:
             if overlay.shape[1] != writer.width or overlay.shape[0] != writer.height:
                 overlay = cv2.resize(overlay, (writer.width, writer.height), interpolation=cv2.INTER_AREA)
-            writer.write(overlay)
+            # A file's frames keep their media time (a variable frame rate stays in sync with the
+            # audio); a live recording is written at the nominal rate.
+            writer.write(overlay, None if self.live else frame.timestamp_s)
             self._last_written = overlay
         window = self.outputs.window
         if window is None:

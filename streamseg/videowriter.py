@@ -15,13 +15,19 @@ Policy, in one place:
 * Encoder speed: `auto_preset()` picks ``ultrafast`` when the model runs on the CPU (the encoder
   shares the cores with it: 7 ms per 720p frame against 29 ms for ``veryfast``, for files about 1.8x
   larger at the same CRF) and ``veryfast`` when a GPU runs the model.
-* Timing is exact: fps becomes a fraction (29.97002997 -> 30000/1001, 25.0 -> 25) and frame n gets
-  pts n in time base 1/fps, so the output has the source's frame count and duration.
+* Timing is exact: fps becomes a fraction (29.97002997 -> 30000/1001, 25.0 -> 25). A frame written
+  with its source timestamp keeps it, so a variable-frame-rate video stays in sync with its audio;
+  a timestamp within a millisecond of the nominal grid n/fps is put exactly on it, so a
+  constant-rate source keeps its frame count, rate and duration exactly. A frame without one
+  follows the previous frame by 1/fps. (The 'mp4v' fallback writes every frame 1/fps apart.)
 * Odd sizes: H.264 4:2:0 cannot describe an odd width or height (its cropping window counts in
   2-pixel units), so an odd frame is padded right/bottom by one replicated pixel: 641x361 -> 642x362.
-* Audio from `audio_from` is remuxed packet by packet (never re-encoded), interleaved with the video as
-  frames arrive. If fewer frames are written than the source holds, the audio stops at the video's
-  end. An audio codec MP4 cannot hold is dropped with one warning.
+* Audio from `audio_from`, interleaved with the video as frames arrive: AAC, MP3 and Opus (what MP4
+  carries and Chrome, Firefox and Safari play there) are remuxed packet by packet, untouched; any
+  other codec (PCM, AC-3, FLAC, Vorbis ...) is decoded and re-encoded to AAC, with one info line,
+  keeping its offset to the video and its length. If fewer frames are written than the source
+  holds, the audio stops at the video's end. Audio that cannot be decoded or encoded is dropped
+  with one warning: the video is written without it.
 * If libx264 cannot be opened (PyAV missing, encoder not built in), or ``STREAMSEG_FORCE_MP4V=1`` is set,
   OpenCV writes MPEG-4 Part 2 ('mp4v') instead, video only, with one warning.
 """
@@ -133,6 +139,139 @@ class _AudioCopy:
             packet.stream = self._out
             container.mux(packet)
 
+    def finish(self, container: Any, end_s: Optional[Fraction]) -> None:
+        """The last call: mux what is left up to `end_s` (None: all of it)."""
+        self.copy_until(container, end_s)
+
+    def close(self) -> None:
+        self._source.close()
+
+
+#: Audio codecs that MP4 carries and that Chrome, Firefox and Safari all play there: copied untouched.
+#: Anything else (PCM, AC-3, FLAC, Vorbis, ...) plays in some browsers or none, so it becomes AAC.
+BROWSER_AUDIO = frozenset({"aac", "mp3", "opus"})
+
+
+#: Audio packets read, before the output is started, to prove the audio decodes at all (a damaged
+#: track is not read to its end to find that out).
+_FIRST_AUDIO_PACKETS = 64
+
+
+class _AudioUnusable(Exception):
+    """The source's audio cannot be decoded, or AAC cannot be encoded from it."""
+
+
+class _AudioEncode:
+    """Decodes the audio of one source file and encodes it as AAC into the output, in time order.
+
+    The samples stay continuous from the source's first audio frame on, which keeps its offset to
+    the video (placed as _AudioCopy places packets); the sample rate is kept where AAC has it
+    (48 kHz otherwise), and so are the channels where AAC can hold their layout (stereo otherwise).
+    """
+
+    def __init__(self, av: Any, source: Any, in_stream: Any, container: Any, video_start_s: Fraction,
+                 video_duration_s: Optional[Fraction], read_errors: tuple[type[BaseException], ...]) -> None:
+        self._source = source
+        self._read_errors = read_errors
+        self.video_duration_s = video_duration_s
+        self._packets: Iterator[Any] = source.demux(in_stream)
+        self._decoded: list[Any] = []  # source frames decoded but not yet resampled
+        self._done = False
+        try:
+            # Decoded before the output's header is written, so that audio which cannot be read
+            # costs the audio track, not the run.
+            first = self._decode_more(limit=_FIRST_AUDIO_PACKETS)
+        except read_errors as error:
+            raise _AudioUnusable(f"cannot decode it: {error}") from error
+        if first is None:
+            raise _AudioUnusable(f"none of its first {_FIRST_AUDIO_PACKETS} packets decodes")
+        ctx = in_stream.codec_context
+        rates = av.codec.Codec("aac", "w").audio_rates or ()
+        self.rate = ctx.sample_rate if ctx.sample_rate in rates else 48000
+        self._out = self._open_encoder(av, container, first.layout)
+        self.layout = self._out.codec_context.layout.name
+        size = self._out.codec_context.frame_size or 1024
+        self._resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate, frame_size=size)
+        # Output time of the first sample: the first frame's offset to the video's first frame.
+        start = first.pts * first.time_base if first.pts is not None and first.time_base else Fraction(0)
+        self._next_pts = round((start - video_start_s) * self.rate)
+        self._ready: list[Any] = []  # resampled AAC-sized frames, pts set, not yet encoded
+        self._flushed = False
+
+    def _open_encoder(self, av: Any, container: Any, layout: Any) -> Any:
+        """An AAC stream in `container`, with the source's channel layout where AAC can hold it
+        (tried on a stand-alone encoder first: a stream once added cannot be taken out again)."""
+        errors = []
+        for name in dict.fromkeys((layout.name, "stereo" if layout.nb_channels > 1 else "mono")):
+            trial = av.CodecContext.create("aac", "w")
+            try:
+                trial.sample_rate, trial.layout, trial.format = self.rate, name, "fltp"
+                trial.open()
+            except (ValueError, av.FFmpegError) as error:
+                errors.append(f"{name}: {error}")
+                continue
+            stream = container.add_stream("aac", rate=self.rate)
+            stream.layout = name
+            stream.codec_context.open()
+            return stream
+        raise _AudioUnusable("AAC cannot encode its channels (" + "; ".join(errors) + ")")
+
+    def _decode_more(self, limit: Optional[int] = None) -> Optional[Any]:
+        """Decode packets (at most `limit`) until a frame is waiting; the first waiting one, or None."""
+        while not self._decoded and not self._done and limit != 0:
+            packet = next(self._packets, None)
+            if packet is None:
+                self._done = True
+                break
+            self._decoded.extend(packet.decode())  # the final empty packet flushes the decoder
+            limit = None if limit is None else limit - 1
+        return self._decoded[0] if self._decoded else None
+
+    def _next(self) -> Optional[Any]:
+        while not self._ready and not self._flushed:
+            try:
+                frame = self._decode_more()
+            except self._read_errors as error:
+                # A damaged source costs the rest of the audio, not the video being written.
+                log.warning("cannot read more audio from %s (%s); the rest of the output is silent",
+                            self._source.name, error)
+                self._done, frame = True, None
+                self._decoded.clear()
+            if frame is not None:
+                self._decoded.pop(0)
+            else:
+                self._flushed = True  # the resampler hands out its last, shorter frame
+            for out in self._resampler.resample(frame):
+                out.pts, out.time_base = self._next_pts, Fraction(1, self.rate)
+                self._next_pts += out.samples
+                self._ready.append(out)
+        return self._ready[0] if self._ready else None
+
+    def copy_until(self, container: Any, end_s: Optional[Fraction], *, cut: bool = False) -> None:
+        """Encode and mux every frame that starts before `end_s` (seconds of output time; None: all).
+        With `cut`, the frame across `end_s` is shortened to end there."""
+        while (frame := self._next()) is not None:
+            if end_s is not None and frame.pts >= end_s * self.rate:
+                return
+            self._ready.pop(0)
+            keep = None if end_s is None else math.ceil(end_s * self.rate) - frame.pts
+            if cut and keep is not None and keep < frame.samples:
+                frame = self._shortened(frame, keep)
+            for packet in self._out.encode(frame):
+                container.mux(packet)
+
+    def _shortened(self, frame: Any, samples: int) -> Any:
+        short = type(frame).from_ndarray(frame.to_ndarray()[:, :samples], format=frame.format.name,
+                                         layout=self.layout)
+        short.sample_rate, short.pts, short.time_base = self.rate, frame.pts, frame.time_base
+        return short
+
+    def finish(self, container: Any, end_s: Optional[Fraction]) -> None:
+        """The last call: encode up to `end_s` (None: all of it), cut there, and flush the encoder."""
+        self.copy_until(container, end_s, cut=True)
+        for packet in self._out.encode(None):
+            container.mux(packet)
+
     def close(self) -> None:
         self._source.close()
 
@@ -153,8 +292,14 @@ class _H264Output:
 
         self._av = av
         self._tmp = tmp
-        self._time_base = 1 / rate
-        self._audio: Optional[_AudioCopy] = None
+        self._rate = rate
+        # Ticks of the stream's clock per nominal frame: fine enough (under 1 ms) to place the frames
+        # of a variable-rate source, coarse enough that the nominal grid n/fps falls on ticks.
+        self._ticks = _ticks_per_frame(rate)
+        self._time_base = 1 / (rate * self._ticks)
+        self._last_pts: Optional[int] = None
+        self._end_s = Fraction(0)  # where the video written so far ends, in seconds
+        self._audio: Optional[_AudioCopy | _AudioEncode] = None
         self._packets = 0  # video packets out of the encoder so far, and the largest of them
         self._largest = 0
         self._size_guess = width * height // 4  # a frame's size before the encoder has shown one
@@ -203,7 +348,7 @@ class _H264Output:
             self.drop()
             raise
 
-    def _open_audio(self, audio_from: Path) -> Optional[_AudioCopy]:
+    def _open_audio(self, audio_from: Path) -> Optional[_AudioCopy | _AudioEncode]:
         av = self._av
         try:
             source = av.open(str(audio_from), mode="r", timeout=10.0)
@@ -216,17 +361,9 @@ class _H264Output:
                 source.close()
                 return None
             in_stream = source.streams.audio[0]
-            name = in_stream.codec_context.name
-            if name not in self._container.supported_codecs:
-                log.warning("audio codec %r of %s cannot go into MP4; writing video only", name, audio_from)
-                source.close()
-                return None
-            try:
-                out_stream = self._container.add_stream_from_template(in_stream)
-            except (av.FFmpegError, ValueError) as error:
-                log.warning("cannot copy the %r audio of %s (%s); writing video only", name, audio_from, error)
-                source.close()
-                return None
+            codec = in_stream.codec_context.codec if in_stream.codec_context is not None else None
+            # The codec's own name ("mp3"), not its decoder's ("mp3float").
+            name = codec.canonical_name if codec is not None else "unknown"
             video_start_s = Fraction(0)
             video_duration_s: Optional[Fraction] = None
             if source.streams.video:
@@ -235,24 +372,65 @@ class _H264Output:
                     video_start_s = vs.start_time * vs.time_base
                 if vs.duration:
                     video_duration_s = vs.duration * vs.time_base
-            return _AudioCopy(source, in_stream, out_stream, video_start_s, video_duration_s,
-                              read_errors=(av.FFmpegError, OSError))
+            errors = (av.FFmpegError, OSError)
+            if name in BROWSER_AUDIO and name in self._container.supported_codecs:
+                try:
+                    out_stream = self._container.add_stream_from_template(in_stream)
+                except (av.FFmpegError, ValueError) as error:
+                    log.warning("cannot copy the %r audio of %s (%s); writing video only", name, audio_from, error)
+                    source.close()
+                    return None
+                return _AudioCopy(source, in_stream, out_stream, video_start_s, video_duration_s, errors)
+            if codec is None:
+                log.warning("cannot re-encode the audio of %s to AAC (FFmpeg has no decoder for it); "
+                            "writing video only", audio_from)
+                source.close()
+                return None
+            try:
+                audio = _AudioEncode(av, source, in_stream, self._container, video_start_s, video_duration_s, errors)
+            except _AudioUnusable as error:
+                log.warning("cannot re-encode the %r audio of %s to AAC (%s); writing video only",
+                            name, audio_from, error)
+                source.close()
+                return None
+            log.info("re-encoding the %s audio of %s to AAC (%d Hz, %s): browsers do not play %s in MP4",
+                     name, audio_from, audio.rate, audio.layout, name)
+            return audio
         except BaseException:
             source.close()
             raise
 
-    def write(self, image: np.ndarray, index: int) -> None:
+    def write(self, image: np.ndarray, timestamp_s: Optional[float]) -> None:
         yuv = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420)  # (H * 3 / 2, W): Y, then U, then V
         frame = self._av.VideoFrame.from_ndarray(yuv, format="yuv420p")
-        frame.pts = index
-        frame.time_base = self._time_base
-        frame.duration = 1  # lets the muxer give the last frame its full length
+        pts = self._pts(timestamp_s)
+        # As long as the gap before it: a constant-rate video's frames all last 1/fps, and the last
+        # frame of a variable-rate one lasts as long as its neighbour (the muxer needs it for the end).
+        duration = self._ticks if self._last_pts is None else pts - self._last_pts
+        frame.pts, frame.time_base, frame.duration = pts, self._time_base, duration
+        self._last_pts = pts
+        self._end_s = (pts + duration) * self._time_base
         for packet in self._video.encode(frame):
             self._packets += 1
             self._largest = max(self._largest, packet.size)
             self._container.mux(packet)
         if self._audio is not None:
-            self._audio.copy_until(self._container, (index + 1) * self._time_base)
+            self._audio.copy_until(self._container, self._end_s)
+
+    def _pts(self, timestamp_s: Optional[float]) -> int:
+        """The next frame's pts in ticks: its timestamp, snapped to the nominal grid where it lies
+        that close; 1/fps after the previous frame without one; never at or before the previous."""
+        if timestamp_s is None or not math.isfinite(timestamp_s):
+            return 0 if self._last_pts is None else self._last_pts + self._ticks
+        slots = Fraction(timestamp_s) * self._rate
+        nearest = round(slots)
+        if abs(slots - nearest) / self._rate <= min(_SNAP_S, 1 / (4 * self._rate)):
+            pts = nearest * self._ticks
+        else:
+            pts = round(slots * self._ticks)
+        if self._last_pts is not None and pts <= self._last_pts:
+            pts = self._last_pts + 1  # a repeated or backward timestamp: the next tick keeps the order
+        return pts
 
     def reserve(self, frames_written: int) -> int:
         """Bytes the file may still grow by once the next frame is in and it is finished: the
@@ -266,13 +444,13 @@ class _H264Output:
         for packet in self._video.encode(None):
             self._container.mux(packet)
         if self._audio is not None:
-            end_s: Optional[Fraction] = frames_written * self._time_base
+            end_s: Optional[Fraction] = self._end_s
             full = self._audio.video_duration_s
             # The whole source went through: keep its whole audio, even a tail slightly past the
             # last frame. A run stopped early: cut, so there is no audio over a frozen frame.
-            if full is not None and end_s >= full - self._time_base / 2:
+            if full is not None and end_s >= full - 1 / (2 * self._rate):
                 end_s = None
-            self._audio.copy_until(self._container, end_s)
+            self._audio.finish(self._container, end_s)
         self._container.close()
         self.drop()
 
@@ -295,8 +473,8 @@ class _Mp4vOutput:
         if not self._writer.isOpened():
             raise SinkError(f"OpenCV cannot open an 'mp4v' writer for {tmp}")
 
-    def write(self, image: np.ndarray, index: int) -> None:
-        self._writer.write(image)
+    def write(self, image: np.ndarray, timestamp_s: Optional[float]) -> None:
+        self._writer.write(image)  # OpenCV's writer has no timestamps: every frame lasts 1/fps
 
     def reserve(self, frames_written: int) -> int:
         return _RESERVE_BASE + _INDEX_BYTES_PER_FRAME * (frames_written + 1) + 2 * self._size_guess
@@ -418,8 +596,9 @@ class VideoWriter:
                     "and carries no audio", reason, self.path)
         return _Mp4vOutput(self._tmp, width=width, height=height, rate=self.rate)
 
-    def write(self, image: np.ndarray) -> None:
-        """Append one (height, width, 3) uint8 BGR frame; it lasts 1/fps seconds."""
+    def write(self, image: np.ndarray, timestamp_s: Optional[float] = None) -> None:
+        """Append one (height, width, 3) uint8 BGR frame, shown from `timestamp_s` (seconds from
+        the video's start, the source frame's media time) or, without one, 1/fps after the last."""
         if self._closed:
             raise RuntimeError(f"write() on the closed VideoWriter for {self.path}")
         if self._failed is not None:
@@ -439,7 +618,7 @@ class VideoWriter:
             raise SinkError(f"cannot write {self.path}: {short}; stopped after {self.frames_written} "
                             f"frame{'' if self.frames_written == 1 else 's'} to finish the video with them")
         try:
-            self._out.write(image, self.frames_written)
+            self._out.write(image, timestamp_s)
         except (OSError, cv2.error) + _av_errors() as error:
             self._failed = error
             raise SinkError(f"cannot write {self.path}: {_describe(error)}") from error
@@ -527,6 +706,20 @@ class VideoWriter:
             # The exception already on its way out says more about what went wrong first, and it
             # gets the one error line; this is a consequence.
             log.warning("%s", error)
+
+
+#: How close to the nominal grid n/fps a frame's timestamp must be to be put on it: timestamps
+#: rounded to milliseconds (Matroska, WebM) still give a constant-rate video its exact rate.
+_SNAP_S = Fraction(1, 1000)
+
+
+def _ticks_per_frame(rate: Fraction) -> int:
+    """The smallest power of two that cuts a frame at `rate` into ticks of 1 ms or less (25 fps:
+    64 ticks of 0.625 ms, so MP4 keeps the 1/12800 s clock it would pick for 1/25 s)."""
+    ticks = 1
+    while 1 / (rate * ticks) > Fraction(1, 1000):
+        ticks *= 2
+    return ticks
 
 
 #: What finishing a file needs beyond its frames: the muxer's buffer (32 KiB), the header, slack.

@@ -100,6 +100,18 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     whole = _faststart_mp4(d / "whole.mp4", n=HALF_FRAMES).read_bytes()
     assert 0 <= whole.find(b"moov") < whole.find(b"mdat") < len(whole) // 2  # the cut falls in the frames
     (d / "half.mp4").write_bytes(whole[: len(whole) // 2])
+    (d / "head.mp4").write_bytes(whole[:2000])  # the index, then the first bytes of one frame
+    (d / "zero.mp4").write_bytes(b"")
+    with av.open(str(d / "sound.mp4"), "w") as container:  # an MP4 with nothing but a tone
+        sound = container.add_stream("aac", rate=48000)
+        sound.layout = "mono"
+        for start in range(0, 48000, 1024):
+            frame = av.AudioFrame.from_ndarray(np.full((1, 1024), 0.1, np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 48000, start
+            for packet in sound.encode(frame):
+                container.mux(packet)
+        for packet in sound.encode():
+            container.mux(packet)
     (d / "whole.mp4").unlink()
     meta = {
         "streamseg.input_size": "32",
@@ -167,6 +179,7 @@ class Row:
     keeps: tuple[str, ...] = ()  # files the run leaves in its working directory
     within_s: Optional[float] = None  # wall-clock bound for the whole run
     needs_read_only: bool = False
+    alone: bool = False  # the error line is all there is on stderr: no FFmpeg or OpenCV log lines
 
 
 IMG = ("{in}/good.png", "-m", "{model}", "-o", "out")
@@ -188,7 +201,17 @@ ROWS = [
     Row("PNG of 40000x40000 pixels", ("{in}/huge.png", "-m", "{model}", "-o", "out"), 1,
         ("huge.png", "too large", "40000x40000", "1,600,000,000 pixels", "1,073,741,824", "CV_IO_MAX_IMAGE_PIXELS")),
     Row("truncated PNG", ("{in}/truncated.png", "-m", "{model}", "-o", "out"), 1, ("truncated.png",)),
-    Row("text named .mp4", ("{in}/notes.mp4", "-m", "{model}", "-o", "out.mp4"), 1, ("notes.mp4", "cannot open")),
+    Row("text named .mp4", ("{in}/notes.mp4", "-m", "{model}", "-o", "out.mp4"), 1, ("notes.mp4", "cannot open"),
+        alone=True),
+    Row("zero-byte video", ("{in}/zero.mp4", "-m", "{model}", "-o", "out.mp4"), 1, ("zero.mp4", "empty (0 bytes)"),
+        alone=True),
+    Row("audio-only MP4", ("{in}/sound.mp4", "-m", "{model}", "-o", "out.mp4"), 1,
+        ("sound.mp4", "has no video stream (only audio)"), alone=True),
+    Row("MP4 cut inside its first frame", ("{in}/head.mp4", "-m", "{model}", "-o", "out.mp4"), 1,
+        ("head.mp4", "has no readable frames"), alone=True),
+    # The video is looked at before the model loads: its error comes first, at once.
+    Row("text named .mp4, model not ONNX", ("{in}/notes.mp4", "-m", "{in}/fake.onnx", "-o", "out.mp4"), 1,
+        ("notes.mp4", "cannot open"), alone=True),
     # Documented: the frames before the cut are processed and written, one warning, exit 0.
     Row("MP4 cut in half", ("{in}/half.mp4", "-m", "{model}", "-o", "out.mp4", "--stats", "stats.jsonl"), 0,
         ("half.mp4", f"of {HALF_FRAMES} frames"), keeps=("out.mp4", "stats.jsonl")),
@@ -265,6 +288,8 @@ def test_bad_input(row: Row, inputs: Path, read_only_dir, run_cli, tmp_path: Pat
     else:
         assert lines and lines[-1].startswith("streamseg: error: "), proc.stderr
         assert len(errors) == 1, proc.stderr
+        if row.alone:
+            assert lines == errors, proc.stderr
         shown = lines[-1]
     for text in map(filled, row.names):
         assert text in shown, f"{text!r} not in {shown!r}"

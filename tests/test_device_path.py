@@ -91,7 +91,7 @@ class _Collect:
     def frames_written(self):
         return len(self.frames)
 
-    def write(self, image):
+    def write(self, image, timestamp_s=None):
         self.frames.append(image.copy())
 
 

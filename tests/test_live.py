@@ -281,7 +281,7 @@ class Recorder:
     def __init__(self) -> None:
         self.frames_written = 0
 
-    def write(self, image: np.ndarray) -> None:
+    def write(self, image: np.ndarray, timestamp_s: float | None = None) -> None:
         self.frames_written += 1
 
 

@@ -112,10 +112,10 @@ class FailingWriter:
     def frames_written(self) -> int:
         return self.inner.frames_written
 
-    def write(self, image: np.ndarray) -> None:
+    def write(self, image: np.ndarray, timestamp_s: float | None = None) -> None:
         if self.inner.frames_written == self.fail_at:
             raise SinkError("cannot write out.mp4: No space left on device")
-        self.inner.write(image)
+        self.inner.write(image, timestamp_s)
 
 
 class StripeLabeller:

@@ -11,11 +11,12 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
 
-from media import encode_video
+from media import encode_video, make_vfr_video
 from streamseg.sources import (
     IMAGE_SUFFIXES,
     SUPPORTED_SCHEMES,
@@ -264,6 +265,17 @@ def test_video_file_info_and_frames(video_2997: Path) -> None:
     assert frames[29].timestamp_s == pytest.approx(29 / info.fps)
 
 
+def test_frames_carry_their_media_time_at_a_variable_rate(tmp_path: Path) -> None:
+    times = [i / 25 for i in range(10)] + [0.4 + i / 5 for i in range(5)]
+    src = make_vfr_video(tmp_path / "vfr.mp4", times, audio=False)
+    with VideoSource(str(src)) as source:
+        frames = []
+        while (frame := source.read()) is not None:
+            frames.append(frame)
+    assert [f.index for f in frames] == list(range(15))
+    assert [f.timestamp_s for f in frames] == pytest.approx(times, abs=1e-6)
+
+
 def test_video_grab_skips_and_keeps_counting(video_2997: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
     with VideoSource(str(video_2997)) as source:
@@ -310,6 +322,62 @@ def test_truncated_video_warns_and_ends(tmp_path: Path, caplog: pytest.LogCaptur
     assert f"{len(indices)} of 30 frames" in messages[0] and "cut.avi" in messages[0]
 
 
+def mkv_with_longer_sound(path: Path, n: int) -> Path:
+    """n frames at 25 fps in Matroska, which keeps no frame count, with sound 30 ms longer than the
+    picture: OpenCV estimates the count from the file's duration, round((n / 25 + 0.03) * 25) = n + 1."""
+    with av.open(str(path), "w", format="matroska") as out:
+        video = out.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        sound = out.add_stream("aac", rate=48000)
+        sound.layout = "mono"
+        for i in range(n):
+            for packet in video.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 5 * i, np.uint8), "bgr24")):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+        total = round((n / 25 + 0.03) * 48000)
+        for start in range(0, total, 1024):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, min(1024, total - start)), np.float32), format="fltp",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = 48000, start
+            for packet in sound.encode(frame):
+                out.mux(packet)
+        for packet in sound.encode(None):
+            out.mux(packet)
+    return path
+
+
+def avi_with_dropped_frame(path: Path, n: int) -> Path:
+    """n frames in an AVI whose second frame slot is empty (the encoder dropped it): the index
+    counts n + 1 entries, the picture holds n frames that reach the end of the stream."""
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("mjpeg", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuvj420p"
+        for i, pts in enumerate([0, *range(2, n + 1)]):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 5 * i, np.uint8), format="bgr24")
+            frame.pts, frame.time_base = pts, Fraction(1, 25)
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("make", [mkv_with_longer_sound, avi_with_dropped_frame], ids=["mkv-estimate", "avi-empty-entry"])
+def test_healthy_file_one_frame_short_of_its_count_is_not_called_truncated(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, make) -> None:
+    # Both once warned "ended after 38 of 39 frames (truncated or corrupt file?)".
+    path = make(tmp_path / ("clip.mkv" if make is mkv_with_longer_sound else "clip.avi"), 38)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with VideoSource(str(path)) as source:
+        assert source.info.frame_count == 39  # what the container (or OpenCV's estimate) says
+        frames = []
+        while (frame := source.read()) is not None:
+            frames.append(frame)
+    assert len(frames) == 38
+    assert warnings_from(caplog) == []
+
+
 def test_absurd_fps_falls_back_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write_video(tmp_path / "fast.mp4", n=5, width=64, height=48, rate=Fraction(5000), codec="mpeg4",
                        pix_fmt="yuv420p")
@@ -329,7 +397,11 @@ def test_video_open_failures(tmp_path: Path) -> None:
     fake.write_text("this is a text file, not a video\n")
     with pytest.raises(SourceError) as info:
         VideoSource(str(fake))
-    assert str(info.value) == f"cannot open video '{fake}': not a video OpenCV can read"
+    assert str(info.value) == f"cannot open video '{fake}': not a video file, or too damaged to read"
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(SourceError, match=r"is empty \(0 bytes\)"):
+        VideoSource(str(empty))
     with pytest.raises(UsageError):
         VideoSource(str(tmp_path))  # a directory is an image source
     with pytest.raises(ValueError):

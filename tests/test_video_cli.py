@@ -22,6 +22,8 @@ import cv2
 import numpy as np
 import pytest
 
+from media import frame_times_s, make_sound_source, make_vfr_video, sound_onset_s
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 ONNX_MODEL = SHARED / "models" / "deeplabv3_mobilenetv2_voc_257.onnx"
@@ -253,6 +255,50 @@ def test_help_says_a_video_output_may_be_a_directory(tmp_path: Path) -> None:
     entry = " ".join(result.stdout.split("-o PATH, --output PATH", 1)[1].split("\n  -", 1)[0].split())
     assert "images: output directory" in entry
     assert "video/camera/stream: output .mp4, or a directory to write <stem>_overlay.mp4 in" in entry
+
+
+@needs_model
+def test_pcm_audio_in_mkv_comes_out_as_aac(tmp_path: Path) -> None:
+    # PCM copied into MP4 made the muxer fail at the very end: every frame segmented, then exit 1
+    # and no output. Browsers do not play PCM (nor AC-3) in MP4 anyway.
+    src = make_sound_source(tmp_path / "pcm.mkv", audio="pcm_s16le", container="matroska")
+    result = run_cli(src, "-o", "out.mp4", "--model", ONNX_MODEL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert wrote_count(result.stdout, "out.mp4") == 25
+    assert [line for line in result.stderr.splitlines() if "AAC" in line] == [
+        f"re-encoding the pcm_s16le audio of {src} to AAC (48000 Hz, stereo): browsers do not play pcm_s16le in MP4"]
+    assert "warning" not in result.stderr and "error" not in result.stderr
+    out = probe(tmp_path / "out.mp4")
+    assert out["frames"] == 25 and out["audio"] is not None and out["audio"]["codec"] == "aac"
+    assert out["audio"]["duration_s"] == pytest.approx(1.0, abs=0.025)
+    assert sound_onset_s(tmp_path / "out.mp4") == pytest.approx(sound_onset_s(src), abs=0.005)
+    assert temp_leftovers(tmp_path) == []
+
+
+#: 3 s at 25 fps, then 3 s at 5 fps: a variable frame rate, 90 frames, 15.4 fps on average.
+VFR_TIMES = [i / 25 for i in range(75)] + [3 + i / 5 for i in range(15)]
+
+
+@needs_model
+@pytest.mark.parametrize("stride", ["1", "3"])
+def test_variable_frame_rate_keeps_every_frame_at_its_time(tmp_path: Path, stride: str) -> None:
+    # Written at the average rate, frame 75 (3.000 s in the source) came out at 4.867 s while the
+    # audio was copied as it is: picture and sound drifted up to 1.9 s apart.
+    src = make_vfr_video(tmp_path / "vfr.mp4", VFR_TIMES)
+    result = run_cli(src, "-o", "out.mp4", "--model", ONNX_MODEL, "--stride", stride, "--stats", "stats.jsonl",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert wrote_count(result.stdout, "out.mp4") == 90
+    shown = frame_times_s(tmp_path / "out.mp4")
+    assert len(shown) == 90
+    assert max(abs(a - b) for a, b in zip(shown, VFR_TIMES)) < 0.001
+    assert shown[75] == pytest.approx(3.0, abs=0.001)
+    before, after = probe(src), probe(tmp_path / "out.mp4")
+    assert after["audio"]["packets"] == before["audio"]["packets"]  # the sound, copied as it is, fits again
+    assert after["audio"]["duration_s"] == pytest.approx(before["audio"]["duration_s"], abs=1e-3)
+    stats = read_stats(tmp_path / "stats.jsonl")
+    assert [s["index"] for s in stats] == list(range(0, 90, int(stride)))
+    assert [s["timestamp_s"] for s in stats] == pytest.approx(VFR_TIMES[::int(stride)], abs=1e-6)
 
 
 def test_output_equal_to_input_is_refused(tmp_path: Path) -> None:

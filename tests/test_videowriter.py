@@ -14,6 +14,7 @@ import av
 import numpy as np
 import pytest
 
+from media import BURST_S, frame_times_s, make_sound_source, sound_onset_s
 from streamseg.types import SinkError
 from streamseg.videowriter import FORCE_MP4V_ENV, VideoWriter, exact_rate
 
@@ -171,18 +172,88 @@ def test_early_stop_cuts_audio_at_the_video_end(sources, tmp_path):
     assert abs(got["audio_s"] - got["video_s"]) <= 0.015  # half an AAC packet at 48 kHz is 10.7 ms
 
 
-def test_audio_codec_mp4_cannot_hold_warns_once_and_writes_video_only(tmp_path, caplog):
-    src = make_source(tmp_path / "mulaw.mov", frames=10, rate=Fraction(25), width=64, height=48,
-                      audio="pcm_mulaw", container="mov")
+def write_all(src: Path, out: Path) -> None:
+    with VideoWriter(out, width=64, height=48, fps=25, audio_from=src) as writer:
+        for image in source_frames(src):
+            writer.write(image)
+
+
+@pytest.mark.parametrize("audio, container, layout", [
+    ("pcm_s16le", "matroska", "stereo"),  # made the MP4 muxer fail at the very end: the run was lost
+    ("pcm_s16le", "mov", "mono"),
+    ("ac3", "mp4", "stereo"),
+    ("pcm_mulaw", "mov", "mono"),
+    ("flac", "matroska", "5.1"),
+])
+def test_audio_browsers_cannot_play_becomes_aac_in_sync(tmp_path, caplog, audio, container, layout):
+    src = make_sound_source(tmp_path / f"src.{container}", audio=audio, container=container, layout=layout)
+    out = tmp_path / "out.mp4"
+    with caplog.at_level(logging.INFO, logger="streamseg.videowriter"):
+        write_all(src, out)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(said) == 1 and "to AAC" in said[0] and audio in said[0], said
+    got = probe(out)
+    assert got["audio"] == "aac" and got["frames"] == 25 and got["video_s"] == pytest.approx(1.0, abs=1e-3)
+    assert got["audio_s"] == pytest.approx(1.0, abs=0.025)  # as long as the source's sound
+    assert sound_onset_s(out) == pytest.approx(sound_onset_s(src), abs=0.005)  # and in sync with the picture
+    with av.open(str(out)) as c:
+        assert c.streams.audio[0].codec_context.layout.name == layout
+    assert listing(tmp_path) == {src.name, "out.mp4"}
+
+
+@pytest.mark.parametrize("audio, name, container", [("libmp3lame", "mp3", "mp4"), ("libopus", "opus", "matroska")])
+def test_audio_browsers_play_is_copied_untouched(tmp_path, caplog, audio, name, container):
+    src = make_sound_source(tmp_path / f"src.{container}", audio=audio, container=container)
+    out = tmp_path / "out.mp4"
+    with caplog.at_level(logging.INFO, logger="streamseg.videowriter"):
+        write_all(src, out)
+    assert [r for r in caplog.records if r.levelno >= logging.INFO] == []
+
+    def payloads(path: Path) -> list[bytes]:
+        with av.open(str(path)) as c:
+            assert c.streams.audio[0].codec_context.codec.canonical_name == name
+            return [bytes(p) for p in c.demux(audio=0) if p.size]
+
+    assert payloads(out) == payloads(src)
+    assert sound_onset_s(out) == pytest.approx(sound_onset_s(src), abs=0.005)
+
+
+def test_audio_that_does_not_decode_warns_once_and_writes_video_only(tmp_path, caplog):
+    src = make_sound_source(tmp_path / "src.mp4", audio="ac3", container="mp4")
+    with av.open(str(src)) as c:
+        spans = [(p.pos, p.size) for p in c.demux(audio=0) if p.size]
+    data = bytearray(src.read_bytes())
+    for pos, size in spans:  # every audio packet zeroed: nothing left for the decoder
+        data[pos:pos + size] = bytes(size)
+    src.write_bytes(bytes(data))
     out = tmp_path / "out.mp4"
     with caplog.at_level(logging.WARNING, logger="streamseg.videowriter"):
-        with VideoWriter(out, width=64, height=48, fps=25, audio_from=src) as writer:
-            for _ in range(10):
-                writer.write(np.zeros((48, 64, 3), np.uint8))
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "pcm_mulaw" in warnings[0].getMessage()
+        write_all(src, out)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'ac3'" in warnings[0] and "video only" in warnings[0], warnings
     got = probe(out)
-    assert got["audio"] is None and got["frames"] == 10 and got["codec"] == "h264"
+    assert got["audio"] is None and got["frames"] == 25 and got["codec"] == "h264"
+
+
+def test_frames_keep_their_timestamps_and_a_constant_rate_stays_exact(tmp_path):
+    image = np.zeros((48, 64, 3), np.uint8)
+    # 29.97 fps with timestamps rounded to milliseconds, as Matroska and WebM store them.
+    ntsc = tmp_path / "ntsc.mp4"
+    with VideoWriter(ntsc, width=64, height=48, fps=30000 / 1001) as writer:
+        for i in range(30):
+            writer.write(image, round(i * 1001 / 30) / 1000)
+    got = probe(ntsc)
+    assert got["frames"] == 30 and got["rate"] == NTSC
+    assert got["video_s"] == pytest.approx(30 * 1001 / 30000, abs=1e-6)
+    assert frame_times_s(ntsc) == pytest.approx([i * 1001 / 30000 for i in range(30)], abs=1e-6)
+    # A variable rate: each frame where its timestamp says, frames without one 1/fps after the last.
+    vfr = tmp_path / "vfr.mp4"
+    times = [0.0, 0.04, 0.08, 0.5, None, 0.9, 0.9031, 1.5]
+    with VideoWriter(vfr, width=64, height=48, fps=10) as writer:
+        for t in times:
+            writer.write(image, t)
+    expected = [0.0, 0.04, 0.08, 0.5, 0.6, 0.9, 0.9031, 1.5]
+    assert frame_times_s(vfr) == pytest.approx(expected, abs=0.0005)
 
 
 def test_exact_rate():
