@@ -585,8 +585,11 @@ def _run_video_with(opts, kind, spec, out, show, segmenter, stop, signals) -> in
         if out is not None and report.frames_written:
             if skipped:
                 corrupt += " (previous overlay repeated)"
-            rate = f"{float(writer.rate):.3f}".rstrip("0").rstrip(".")
-            print(f"wrote {out}: {report.frames_written} frames at {rate} fps ({writer.codec}), "
+            if report.recorded_s is not None:  # live: frames at their capture times
+                timing = f"over {report.recorded_s:.1f} s"
+            else:
+                timing = "at " + f"{float(writer.rate):.3f}".rstrip("0").rstrip(".") + " fps"
+            print(f"wrote {out}: {report.frames_written} frames {timing} ({writer.codec}), "
                   f"{report.frames_segmented} segmented{corrupt}")
         else:
             print(f"{report.frames_read} frames read, {report.frames_segmented} segmented{corrupt}")

@@ -16,7 +16,8 @@ class Frame:
 
     image: (H, W, 3) uint8, BGR as OpenCV delivers it; read-only downstream.
     index: 0-based position in the source, skipped frames counted.
-    timestamp_s: media time for files, monotonic clock for live sources.
+    timestamp_s: media time for files; for live sources the capture time on the monotonic clock
+        (stats and recordings count from the stream's first frame).
     """
 
     image: np.ndarray

@@ -237,6 +237,8 @@ class VideoReport:
     ended: str
     elapsed_s: float
     frames_skipped: int = 0
+    #: Live recordings: seconds from the first frame recorded to the last (their capture times).
+    recorded_s: Optional[float] = None
 
 
 @dataclass(slots=True)
@@ -373,6 +375,11 @@ class VideoPipeline:
         self._ended = "end"
         # The last image handed to the writer, repeated in place of frames lost to damage.
         self._last_written: Optional[np.ndarray] = None
+        # Live: capture times (monotonic clock) of the stream's first frame and of the first
+        # frame recorded.
+        self._live_start: Optional[float] = None
+        self._recording_start: Optional[float] = None
+        self._recorded_s: Optional[float] = None
 
     # -- threads ---------------------------------------------------------------------------
 
@@ -476,6 +483,8 @@ class VideoPipeline:
                 if frame is None:
                     break
                 self._read += 1
+                if self._live_start is None:
+                    self._live_start = frame.timestamp_s
                 for_model.put(frame)
                 for_output.put(frame)
         finally:
@@ -555,6 +564,7 @@ class VideoPipeline:
             elapsed_s=time.monotonic() - start,
             # Sources without damage accounting (live ones, test doubles) have skipped nothing.
             frames_skipped=getattr(self.source, "frames_skipped", 0),
+            recorded_s=self._recorded_s,
         )
 
     def _wind_down(self, threads: list[_Stage]) -> Optional[BaseException]:
@@ -699,9 +709,10 @@ class VideoPipeline:
         if self.outputs.masks is not None:
             self.outputs.masks.write(seg.frame.index, seg.labels)
         if self.outputs.stats is not None:
-            self.outputs.stats.write(
-                {"index": seg.frame.index, "timestamp_s": round(seg.frame.timestamp_s, 6), "classes": class_record(seg)}
-            )
+            # Files: the frame's media time. Live: seconds since the stream's first frame (capture
+            # times are on the monotonic clock, which means nothing outside this process).
+            when = seg.frame.timestamp_s - (self._live_start or 0.0) if self.live else seg.frame.timestamp_s
+            self.outputs.stats.write({"index": seg.frame.index, "timestamp_s": round(when, 6), "classes": class_record(seg)})
 
     def _present(
         self, frame: Frame, labels: Optional[np.ndarray], rate: "_Rate", *, painted: Optional[np.ndarray] = None,
@@ -721,8 +732,16 @@ class VideoPipeline:
             if overlay.shape[1] != writer.width or overlay.shape[0] != writer.height:
                 overlay = cv2.resize(overlay, (writer.width, writer.height), interpolation=cv2.INTER_AREA)
             # A file's frames keep their media time (a variable frame rate stays in sync with the
-            # audio); a live recording is written at the nominal rate.
-            writer.write(overlay, None if self.live else frame.timestamp_s)
+            # audio). A live recording places each frame at its capture time, from the first frame
+            # recorded: it plays in real time whatever rate the camera claims (OpenCV says 25 fps
+            # for any MJPEG stream) and whatever frames the preview had to skip.
+            if self.live:
+                if self._recording_start is None:
+                    self._recording_start = frame.timestamp_s
+                self._recorded_s = frame.timestamp_s - self._recording_start
+                writer.write(overlay, self._recorded_s)
+            else:
+                writer.write(overlay, frame.timestamp_s)
             self._last_written = overlay
         window = self.outputs.window
         if window is None:
