@@ -77,6 +77,13 @@ def source_kind(spec: str) -> str:
     if match and len(match.group(1)) > 1 and not os.path.exists(spec):
         scheme = match.group(1).lower()
         if scheme in SUPPORTED_SCHEMES:
+            try:
+                host = urlsplit(spec).hostname
+            except ValueError:  # a malformed port or IPv6 address
+                host = None
+            if not host:
+                raise UsageError(f"stream URL '{_redact(spec)}' names no host; for example "
+                                 f"{scheme}://camera.local/stream or {scheme}://192.168.1.20:8080/video")
             return "stream"
         accepted = ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
         raise UsageError(
@@ -98,6 +105,41 @@ def source_kind(spec: str) -> str:
 
 def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+class _Refused(SourceError):
+    """The server answered, and the answer will not change by asking again (HTTP 404, a web page
+    instead of a video): no reconnecting."""
+
+
+#: HTTP answers that asking again will not change; 408 (timeout) and 429 (busy) are worth a retry.
+_PERMANENT_HTTP = set(range(400, 500)) - {408, 429}
+
+
+def _http_refusal(url: str, *, timeout_s: float) -> Optional[str]:
+    """Why an http(s) stream that OpenCV could not open will not open later either, from one GET
+    of its headers: a 4xx status, or a web page where a video stream should be. None for anything
+    else (no answer, a 5xx, a video type): those are worth reconnecting for. Only the URL given is
+    asked; the body is never read."""
+    if urlsplit(url).scheme.lower() not in ("http", "https"):
+        return None
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"User-Agent": "streamseg"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:  # noqa: S310 - the user's own URL
+            kind = answer.headers.get_content_type()
+    except urllib.error.HTTPError as error:
+        error.close()
+        if error.code in _PERMANENT_HTTP:
+            return f"the server answered HTTP {error.code} {error.reason}"
+        return None
+    except (OSError, ValueError):  # unreachable, refused, timed out, TLS, malformed
+        return None
+    if kind in ("text/html", "text/plain", "application/json", "application/xml", "text/xml"):
+        return f"the server sends {kind}, not a video stream"
+    return None
 
 
 def _redact(url: str) -> str:
@@ -547,6 +589,9 @@ class VideoSource:
         if self._kind == "camera":
             return f"{self._label} could not be opened (no such device, or it is in use)"
         if self._kind == "stream":
+            refusal = _http_refusal(self._spec, timeout_s=min(5.0, self._timeout_ms / 1000))
+            if refusal is not None:
+                raise _Refused(f"cannot open {self._label}: {refusal}")
             seconds = self._timeout_ms / 1000
             return f"cannot open {self._label}: unreachable, refused, or no answer within {seconds:g} s"
         return f"cannot open {self._label}: not a video OpenCV can read"
@@ -560,6 +605,8 @@ class VideoSource:
         try:
             self._open_once()
             return
+        except _Refused:
+            raise
         except SourceError as exc:
             if self._max_attempts == 0:
                 raise
@@ -732,6 +779,8 @@ class VideoSource:
                 return False
             try:
                 self._open_once()
+            except _Refused:
+                raise
             except SourceError as exc:
                 failure = str(exc)
                 continue

@@ -221,6 +221,10 @@ ROWS = [
     Row("javascript: URL", ("javascript:alert(1)", "-m", "{model}", "-o", "out.mp4"), 2, ("'javascript:'",)),
     Row("unserved RTSP URL", ("rtsp://127.0.0.1:{port}/live", "-m", "{model}", "-o", "rec.mp4", "--reconnect", "2"), 1,
         ("gave up", "rtsp://127.0.0.1:{port}/live", "2 reconnect attempts"), within_s=RECONNECT_2_BOUND_S),
+    Row("http:// URL with no host", ("http://", "-m", "{model}", "-o", "rec.mp4"), 2, ("'http://'", "no host"),
+        within_s=10, alone=True),
+    Row("rtsp:// URL with no host", ("rtsp:///live", "-m", "{model}", "-o", "rec.mp4"), 2, ("no host",),
+        within_s=10, alone=True),
     Row("unknown model", ("{in}/good.png", "-m", "deeplabv5", "-o", "out"), 2, ("deeplabv5",)),
     Row("unknown class", IMG + ("--classes", "car,spaceship"), 2, ("spaceship",)),
     Row("--alpha 1.5", IMG + ("--alpha", "1.5"), 2, ("--alpha", "1.5")),
@@ -353,6 +357,50 @@ def test_remote_playlist_cannot_open_local_files(inputs: Path, run_cli, tmp_path
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("streamseg: error: cannot open stream"), proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.ts"]
+
+
+@pytest.mark.parametrize("path, status, kind, says", [
+    ("/nope.mjpg", 404, "text/html", "HTTP 404"),
+    ("/admin/video.mjpg", 401, "text/html", "HTTP 401"),
+    ("/index.html", 200, "text/html", "sends text/html, not a video stream"),
+], ids=["404", "401", "web page"])
+def test_http_answer_that_will_not_change_is_not_retried(inputs: Path, run_cli, tmp_path: Path, path, status, kind,
+                                                         says) -> None:
+    """A server that answers, with a status or a page that asking again will not change: one
+    error line saying what it answered, at once, instead of minutes of reconnecting under
+    'unreachable, refused, or no answer'."""
+    import http.server
+    import threading
+
+    body = b"<html><body>not here</body></html>"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        proc = run_cli(f"http://127.0.0.1:{server.server_address[1]}{path}", "-m", inputs / "tiny.onnx",
+                       "-o", "rec.mp4", cwd=tmp_path, timeout=120)
+        took = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamseg: error: cannot open stream") and says in lines[0], proc.stderr
+    assert "reconnecting" not in proc.stderr
+    assert took < 20, f"gave up after {took:.0f} s"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_code_in_the_weights_cache_does_not_run(inputs: Path, run_cli, tmp_path: Path) -> None:
