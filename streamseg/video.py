@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 _END = object()  # sentinel: no more items
 _POLL_S = 0.1  # how often a blocked put/get looks at the stop event
 _JOIN_S = 30  # the longest wait for the stages to end after a stop
+_QUEUE_BYTES = 64 * 2**20  # the most frame data one queue between stages holds (file runs)
 _IDLE_S = 0.1  # how often a preview with nothing new to show still looks at its keys
 _CAPTURE_GRACE_S = 0.5  # how long a stop waits for a capture stage inside a source read
 #: how far a file run's capture and output threads step back behind the model's thread (nice
@@ -529,9 +530,15 @@ class VideoPipeline:
                     t.thread.start()
                 self._output_live(for_output, masks)
             else:
+                # Room for a few batches, each with the frames that ride along at --stride N, but
+                # never more than _QUEUE_BYTES of frames per queue: a large stride (or batch) on
+                # 4K video would otherwise queue thousands of frames, gigabytes.
                 depth = max(4, 2 * self.settings.batch)
-                raw: queue.Queue = queue.Queue(maxsize=depth * self.settings.stride)
-                done: queue.Queue = queue.Queue(maxsize=depth * self.settings.stride)
+                info = self.source.info
+                per_frame = max(1, info.width * info.height * 3)
+                size = min(depth * self.settings.stride, max(self.settings.batch, 4, _QUEUE_BYTES // per_frame))
+                raw: queue.Queue = queue.Queue(maxsize=size)
+                done: queue.Queue = queue.Queue(maxsize=size)
                 threads = [
                     self._thread("streamseg-capture", lambda: self._capture_file(raw)),
                     self._thread("streamseg-segment", lambda: self._segment_file(raw, done)),
