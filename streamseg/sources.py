@@ -557,10 +557,11 @@ class VideoSource:
         if self._kind == "video":
             self._probe = probe_video(self._spec)
         with _quiet_opencv():
+            started = time.monotonic()
             cap = self._new_capture()
             try:
                 if not cap.isOpened():
-                    raise SourceError(self._open_failure())
+                    raise SourceError(self._open_failure(time.monotonic() - started))
                 ok, image = cap.read()
                 if not ok or image is None or not image.size:
                     raise SourceError(self._first_read_failure())
@@ -585,14 +586,17 @@ class VideoSource:
             params += [cv2.CAP_PROP_N_THREADS, self._decode_threads]
         return cv2.VideoCapture(self._spec, cv2.CAP_FFMPEG, params)
 
-    def _open_failure(self) -> str:
+    def _open_failure(self, took_s: float) -> str:
         if self._kind == "camera":
             return f"{self._label} could not be opened (no such device, or it is in use)"
         if self._kind == "stream":
-            refusal = _http_refusal(self._spec, timeout_s=min(5.0, self._timeout_ms / 1000))
-            if refusal is not None:
-                raise _Refused(f"cannot open {self._label}: {refusal}")
             seconds = self._timeout_ms / 1000
+            # A server that answered at once may have said why (a 404); one that let the open
+            # time out is not asked again here, which would only add to the wait.
+            if took_s < 0.8 * seconds:
+                refusal = _http_refusal(self._spec, timeout_s=min(5.0, seconds))
+                if refusal is not None:
+                    raise _Refused(f"cannot open {self._label}: {refusal}")
             return f"cannot open {self._label}: unreachable, refused, or no answer within {seconds:g} s"
         return f"cannot open {self._label}: not a video OpenCV can read"
 

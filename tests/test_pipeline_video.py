@@ -307,11 +307,13 @@ def test_stop_event_ends_file_run_cleanly(segmenter: Segmenter, tmp_path: Path) 
 
 
 class SlowWriter:
-    """The real VideoWriter, except that once `stop` is set each frame takes 0.4 s more (a slow
-    encoder), and whether a write is under way can be read off `inside`."""
+    """The real VideoWriter, except that frame `at` takes 0.5 s to encode (a slow encoder), and
+    that this is when Ctrl-C comes: the stop event is set (the CLI's first-signal handler) and
+    SIGALRM is armed to interrupt the caller twice, 0.1 and 0.25 s later, while the frame is
+    still being written. `inside` says whether a write is under way."""
 
-    def __init__(self, inner: VideoWriter, stop: threading.Event) -> None:
-        self.inner, self.stop = inner, stop
+    def __init__(self, inner: VideoWriter, stop: threading.Event, at: int) -> None:
+        self.inner, self.stop, self.at = inner, stop, at
         self.width, self.height = inner.width, inner.height
         self.inside = False
 
@@ -319,12 +321,14 @@ class SlowWriter:
     def frames_written(self) -> int:
         return self.inner.frames_written
 
-    def write(self, image: np.ndarray) -> None:
+    def write(self, image: np.ndarray, timestamp_s: Optional[float] = None) -> None:
         self.inside = True
         try:
-            if self.stop.is_set():
-                time.sleep(0.4)
-            self.inner.write(image)
+            if self.inner.frames_written == self.at:
+                self.stop.set()
+                signal.setitimer(signal.ITIMER_REAL, 0.1, 0.15)
+                time.sleep(0.5)
+            self.inner.write(image, timestamp_s)
         finally:
             self.inside = False
 
@@ -344,18 +348,13 @@ def test_ctrl_c_while_stopping_waits_for_the_writing_stage(segmenter: Segmenter,
             raised.append(time.monotonic())
             raise KeyboardInterrupt
 
-    def on_frame(index: int) -> None:
-        if index == 10:
-            stop.set()
-            signal.setitimer(signal.ITIMER_REAL, 0.1, 0.15)
-
     old = signal.signal(signal.SIGALRM, interrupt)
     try:
         with VideoSource(str(clip), stop=stop) as source, \
                 VideoWriter(tmp_path / "out.mp4", width=W, height=H, fps=source.info.fps) as real:
-            writer = SlowWriter(real, stop)
+            writer = SlowWriter(real, stop, at=10)
             pipeline = VideoPipeline(source, segmenter, VideoOutputs(writer=writer), painter=painter(segmenter),
-                                     stop=stop, on_frame=on_frame)
+                                     stop=stop)
             with pytest.raises(KeyboardInterrupt):
                 pipeline.run()
             inside, written = writer.inside, real.frames_written
