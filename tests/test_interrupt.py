@@ -19,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -680,3 +681,29 @@ def test_stream_that_stops_delivering_reconnects_then_gives_up(tiny, tmp_path: P
     assert f"wrote rec.mp4: {frames} frames" in child.stderr
     assert len((tmp_path / "stats.jsonl").read_text().splitlines()) > 0
     assert len(camera.connections) == 2
+
+
+def test_ctrl_c_while_the_cli_itself_loads() -> None:
+    """A real SIGINT just as `streamseg.cli` starts to load (the first tenth of a second after the
+    command starts, before streamseg's own handlers exist): status 130 and one line, not
+    Python's traceback."""
+    script = textwrap.dedent("""
+        import os, signal, sys
+
+        class AtCliImport:
+            def find_spec(self, name, path=None, target=None):
+                if name == "streamseg.cli":
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+
+        sys.meta_path.insert(0, AtCliImport())
+        from streamseg._entry import main
+        sys.argv = ["streamseg", "--help"]
+        raise SystemExit(main())
+    """)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "streamseg: interrupted\n"
+    assert done.stdout == ""
