@@ -65,10 +65,19 @@ def to_input(
     return tensor_to_input(upload(frames, device), spec, dtype=dtype, channels_last=channels_last)
 
 
+def _plain(frame: np.ndarray) -> np.ndarray:
+    """`frame` as torch.from_numpy takes it: C-contiguous and writable. A flipped or
+    channel-reversed view (`rgb[:, :, ::-1]`, the usual RGB -> BGR) has negative strides, which
+    torch refuses, and a read-only array draws a warning; those are copied, others used as they are."""
+    if frame.flags.c_contiguous and frame.flags.writeable:
+        return frame
+    return np.array(frame, order="C", copy=True)
+
+
 def upload(frames: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
     """(H, W, 3) uint8 BGR frames of one size -> one (N, H, W, 3) uint8 BGR tensor on `device`:
     the frames' only trip to the device (pinned memory, non-blocking copy on CUDA)."""
-    batch = np.stack(frames) if len(frames) > 1 else frames[0][None]
+    batch = np.stack(frames) if len(frames) > 1 else _plain(frames[0])[None]
     x = torch.from_numpy(batch)
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True)
@@ -118,7 +127,7 @@ def _to_input_cpu(frames: Sequence[np.ndarray], spec: InputSpec, *, dtype: torch
     tw, th = spec.target_size(width, height)
     table = _normalise_table(tuple(spec.mean), tuple(spec.std))
     if (tw, th) != (width, height):
-        batch = np.stack(frames) if len(frames) > 1 else frames[0][None]
+        batch = np.stack(frames) if len(frames) > 1 else _plain(frames[0])[None]
         # uint8 antialiased bilinear on the (N, 3, H, W) view of the (N, H, W, 3) frames: torch's
         # kernel for this layout is fast and equal to PIL's filter. Result: (N, 3, th, tw) BGR planes.
         small = F.interpolate(

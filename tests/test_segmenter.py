@@ -107,6 +107,23 @@ def test_frames_and_batches(lraspp):
     assert both[0].labels.shape == (40, 40)
 
 
+def test_views_and_read_only_arrays_are_frames_too(lraspp):
+    """`rgb[:, :, ::-1]` is how RGB becomes BGR, `frame[:, ::-1]` how it is mirrored: views with
+    negative strides, which torch refuses. A decoder's read-only buffer drew torch's warning."""
+    import warnings
+
+    rgb = _frame(48, 64, seed=3)
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    read_only = bgr.copy()
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = [lraspp(view).labels for view in (rgb[:, :, ::-1], bgr, read_only)]
+        mirrored = lraspp(bgr[:, ::-1]).labels
+    assert np.array_equal(got[0], got[1]) and np.array_equal(got[2], got[1])
+    assert np.array_equal(mirrored, lraspp(np.ascontiguousarray(bgr[:, ::-1])).labels)
+
+
 @pytest.mark.parametrize(
     "bad", [np.zeros((10, 10), np.uint8), np.zeros((10, 10, 3), np.float32), np.zeros((10, 10, 4), np.uint8)]
 )
