@@ -328,8 +328,21 @@ def _run(opts: Options) -> int:
     return _run_video(opts, kinds.pop())
 
 
+#: Options that only videos, cameras and streams use, as the flags a user typed.
+_VIDEO_ONLY = {"save_masks": "--save-masks", "stride": "--stride", "preset": "--preset", "crf": "--crf",
+               "batch": "--batch", "show": "--show", "no_show": "--no-show", "reconnect": "--reconnect"}
+
+
 def _run_images(opts: Options, paths) -> int:
+    from dataclasses import fields
+
     from .sources import IMAGE_SUFFIXES
+
+    defaults = {f.name: f.default for f in fields(opts)}
+    given = [flag for name, flag in _VIDEO_ONLY.items() if getattr(opts, name) != defaults[name]]
+    if given:  # said, rather than ignored: `--save-masks DIR` would leave DIR empty without a word
+        raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to videos, cameras and "
+                         "streams, not to still images (each image's label map is <name>_labels.png)")
 
     out_dir = Path(opts.output) if opts.output else Path(".")
     # `-o result.png` would quietly become a directory of that name; one that exists already is a

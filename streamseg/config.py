@@ -123,7 +123,7 @@ class Options:
     )
     crf: int = field(
         default=20,
-        metadata=_opt("--crf", metavar="N", help="video output: libx264 quality 0..51, lower is better and larger (default: 20)"),
+        metadata=_opt("--crf", metavar="N", help="video output: libx264 quality 1..51, lower is better and larger (default: 20)"),
     )
     stride: int = field(default=1, metadata=_opt("--stride", metavar="N", help="video: segment one frame in every N (default: 1)"))
     batch: Optional[int] = field(default=None, metadata=_opt("--batch", metavar="N", help="video files: frames per model call"))
@@ -148,8 +148,10 @@ class Options:
             raise ValueError(f"--batch must be 1 or more, got {self.batch}")
         if self.threads is not None and not 1 <= self.threads <= 1024:
             raise ValueError(f"--threads must be 1 or more, got {self.threads}")
-        if not 0 <= self.crf <= 51:
-            raise ValueError(f"--crf must be between 0 and 51, got {self.crf}")
+        if not 1 <= self.crf <= 51:
+            # x264's CRF 0 is lossless, in the High 4:4:4 Predictive profile that browsers do not play.
+            hint = " (0 is lossless H.264, which browsers do not play; 1 is near lossless)" if self.crf == 0 else ""
+            raise ValueError(f"--crf must be between 1 and 51, got {self.crf}{hint}")
         if self.reconnect < 0:
             raise ValueError(f"--reconnect must be 0 or more, got {self.reconnect}")
         if not _DEVICE.match(self.device):

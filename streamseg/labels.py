@@ -68,7 +68,7 @@ def parse_classes(spec: str, categories: Sequence[str]) -> tuple[int, ...]:
             found = list(range(1, len(categories)))
         elif key in GROUPS:
             found = [lookup[_normalise(n)] for n in GROUPS[key] if _normalise(n) in lookup]
-        elif item.isdigit():
+        elif item.isascii() and item.isdigit():  # '7'; not '³' or '٧', which int() reads differently or not at all
             if not 0 <= int(item) < len(categories):
                 raise UsageError(
                     f"class id {item} is out of range: this model has ids 0-{len(categories) - 1}"

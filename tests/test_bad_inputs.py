@@ -227,6 +227,12 @@ ROWS = [
         within_s=10, alone=True),
     Row("unknown model", ("{in}/good.png", "-m", "deeplabv5", "-o", "out"), 2, ("deeplabv5",)),
     Row("unknown class", IMG + ("--classes", "car,spaceship"), 2, ("spaceship",)),
+    Row("class given as a superscript digit", IMG + ("--classes", "car,\u00b3"), 2, ("unknown class", "\u00b3")),
+    # Said rather than ignored: masks asked for on a still image would go nowhere without a word.
+    Row("video options on a still image", IMG + ("--save-masks", "masks", "--stride", "5"), 2,
+        ("--save-masks, --stride", "not to still images")),
+    Row("--crf 0 (lossless, not for browsers)", ("{in}/clip.mp4", "-m", "{model}", "-o", "out.mp4", "--crf", "0"), 2,
+        ("--crf", "between 1 and 51", "browsers")),
     Row("--alpha 1.5", IMG + ("--alpha", "1.5"), 2, ("--alpha", "1.5")),
     Row("--stride 0", ("{in}/clip.mp4", "-m", "{model}", "-o", "out.mp4", "--stride", "0"), 2, ("--stride", "0")),
     Row("--batch -1", ("{in}/clip.mp4", "-m", "{model}", "-o", "out.mp4", "--batch", "-1"), 2, ("--batch", "-1")),
