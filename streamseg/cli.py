@@ -407,12 +407,13 @@ def _export(argv: Sequence[str]) -> int:
         opts = parser.parse_args(list(argv))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    _setup_logging(quiet=False, debug=opts.debug)
+    _setup_logging(quiet=opts.quiet, debug=opts.debug)
     with _interrupts.deferred():
         from .export import export_onnx  # torch, torchvision
 
     path = export_onnx(opts)
-    print(f"wrote {path}")
+    if not opts.quiet:
+        print(f"wrote {path}")
     return 0
 
 

@@ -182,6 +182,7 @@ class ExportOptions:
     )
     opset: int = field(default=17, metadata=_opt("--opset", help="ONNX opset (default: 17)"))
     overwrite: bool = field(default=False, metadata=_opt("--overwrite", help="replace an existing file"))
+    quiet: bool = field(default=False, metadata=_opt("-q", "--quiet", help="print only warnings and errors"))
     debug: bool = field(default=False, metadata=_opt("--debug", help="show tracebacks"))
 
     def __post_init__(self) -> None:

@@ -108,7 +108,9 @@ class Segmenter:
         return self.segment_batch([frame])[0]
 
     def segment_batch(self, frames: Sequence[Union[np.ndarray, Frame]]) -> list[Segmentation]:
-        """Segment frames of one size in one model call."""
+        """Segment frames of one size in one model call (none: an empty list)."""
+        if len(frames) == 0:
+            return []
         return self.infer(frames).result()
 
     def infer(

@@ -169,3 +169,12 @@ def test_an_export_that_fails_says_one_line_and_no_graph_dump(weights_file: Path
     assert code == 1
     assert "graph" in captured.err and "Traceback" in captured.err
     assert captured.err.splitlines()[-1] == lines[0]
+
+
+def test_cli_export_quiet_prints_nothing(weights_file: Path, tmp_path: Path, capsys):
+    """`-q` is a general option in the README's table; export takes it too."""
+    out = tmp_path / "quiet.onnx"
+    code = cli.main(["export", "-m", NAME, "--weights", str(weights_file), "-o", str(out), "--input-size", "64x48", "-q"])
+    assert code == 0
+    assert capsys.readouterr() == ("", "")
+    assert out.is_file()

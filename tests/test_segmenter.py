@@ -97,6 +97,7 @@ def test_infer_then_result_is_segment_batch(lraspp):
 
 
 def test_frames_and_batches(lraspp):
+    assert lraspp.segment_batch([]) == []  # nothing to segment: nothing back, not an IndexError
     a, b = _frame(40, 40, seed=1), _frame(40, 40, seed=2)
     both = lraspp.segment_batch([a, b])
     assert [s.frame.index for s in both] == [0, 1]
