@@ -561,7 +561,7 @@ class VideoSource:
             cap = self._new_capture()
             try:
                 if not cap.isOpened():
-                    raise SourceError(self._open_failure(time.monotonic() - started))
+                    raise self._open_failure(time.monotonic() - started)
                 ok, image = cap.read()
                 if not ok or image is None or not image.size:
                     raise SourceError(self._first_read_failure())
@@ -586,9 +586,10 @@ class VideoSource:
             params += [cv2.CAP_PROP_N_THREADS, self._decode_threads]
         return cv2.VideoCapture(self._spec, cv2.CAP_FFMPEG, params)
 
-    def _open_failure(self, took_s: float) -> str:
+    def _open_failure(self, took_s: float) -> SourceError:
+        """The error for a capture that did not open after `took_s`; _Refused where retrying is pointless."""
         if self._kind == "camera":
-            return f"{self._label} could not be opened (no such device, or it is in use)"
+            return SourceError(f"{self._label} could not be opened (no such device, or it is in use)")
         if self._kind == "stream":
             seconds = self._timeout_ms / 1000
             # A server that answered at once may have said why (a 404); one that let the open
@@ -596,9 +597,9 @@ class VideoSource:
             if took_s < 0.8 * seconds:
                 refusal = _http_refusal(self._spec, timeout_s=min(5.0, seconds))
                 if refusal is not None:
-                    raise _Refused(f"cannot open {self._label}: {refusal}")
-            return f"cannot open {self._label}: unreachable, refused, or no answer within {seconds:g} s"
-        return f"cannot open {self._label}: not a video OpenCV can read"
+                    return _Refused(f"cannot open {self._label}: {refusal}")
+            return SourceError(f"cannot open {self._label}: unreachable, refused, or no answer within {seconds:g} s")
+        return SourceError(f"cannot open {self._label}: not a video OpenCV can read")
 
     def _first_read_failure(self) -> str:
         if self._kind == "video":

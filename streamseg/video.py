@@ -587,9 +587,13 @@ class VideoPipeline:
         """
         late: Optional[BaseException] = None
         stopped = False
-        remaining = list(threads)
-        capture: Optional[_Stage] = next((t for t in threads if t.thread.name == "streamseg-capture"), None)
+        # The capture stage last, and not for long: it touches only the source, and a stalled
+        # stream keeps it inside a read until the read timeout (10 s). It ends when that read
+        # returns; the source releases its capture then.
+        others = [t for t in threads if t.thread.name != "streamseg-capture"]
+        capture = [t for t in threads if t.thread.name == "streamseg-capture"]
         deadline = time.monotonic() + _JOIN_S
+        capture_deadline: Optional[float] = None
         while True:
             try:
                 if not stopped:
@@ -598,25 +602,17 @@ class VideoPipeline:
                     # OpenCV returns within the source's read timeout.
                     self.source.close()
                     stopped = True
-                while remaining and time.monotonic() < deadline:
-                    # The capture stage last, and not for long: it touches only the source, and a
-                    # stalled stream keeps it inside a read until the read timeout (10 s). It ends
-                    # when that read returns; the source releases its capture then.
-                    if remaining[0] is capture and len(remaining) > 1:
-                        remaining.append(remaining.pop(0))
-                    if len(remaining) == 1 and remaining[0] is capture:
-                        deadline = min(deadline, time.monotonic() + _CAPTURE_GRACE_S)
-                        capture = None
-                    if remaining[0].ended.wait(min(_POLL_S, max(0.0, deadline - time.monotonic()))):
-                        remaining.pop(0)
+                _wait_ended(others, deadline)
+                if capture_deadline is None:
+                    capture_deadline = min(deadline, time.monotonic() + _CAPTURE_GRACE_S)
+                _wait_ended(capture, capture_deadline)
                 break
             except BaseException as exc:  # a further signal while the stages stop
                 late = late or exc
-        for t in remaining:
-            if t.thread.name == "streamseg-capture":
-                log.debug("the capture thread is still inside a source read; it ends when the read returns")
-            else:  # pragma: no cover - a stage stuck past every timeout
-                log.warning("thread %s did not stop within %d s", t.thread.name, _JOIN_S)
+        for t in others:  # pragma: no cover - a stage stuck past every timeout
+            log.warning("thread %s did not stop within %d s", t.thread.name, _JOIN_S)
+        if capture:
+            log.debug("the capture thread is still inside a source read; it ends when the read returns")
         return late
 
     def _output_file(self, done: queue.Queue) -> None:
@@ -772,6 +768,14 @@ class VideoPipeline:
                 action = None
                 break
         return action
+
+
+def _wait_ended(stages: list["_Stage"], deadline: float) -> None:
+    """Wait until every stage in `stages` has ended, or `deadline` (monotonic) has passed; the
+    stages that ended are taken out of the list."""
+    while stages and time.monotonic() < deadline:
+        if stages[0].ended.wait(min(_POLL_S, max(0.0, deadline - time.monotonic()))):
+            stages.pop(0)
 
 
 @dataclass(frozen=True)
