@@ -5,7 +5,8 @@ over pixels or classes.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+from typing import NamedTuple, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -59,35 +60,107 @@ class Painter:
         return out
 
 
+#: Hershey text below this scale (about 8 px tall) is no longer legible.
+_MIN_SCALE = 0.3
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_MARGIN = 4  # from the image's top-left corner to the panel
+_PAD = 4  # inside the panel, around the entries
+
+
+class _Layout(NamedTuple):
+    scale: float
+    thick: int
+    line: int  # row height
+    swatch: int  # side of a colour square
+    gap: int  # between a swatch and its name
+    col_w: int  # every column's width: swatch, gap and the widest name
+    col_gap: int
+    rows: int  # entries per column
+    slots: int  # entries that fit: rows x columns
+
+
 def draw_legend(
-    image: np.ndarray, class_ids: Sequence[int], categories: Sequence[str], palette: np.ndarray
+    image: np.ndarray,
+    class_ids: Sequence[int],
+    categories: Sequence[str],
+    palette: np.ndarray,
+    *,
+    layout_for: Optional[Sequence[int]] = None,
 ) -> np.ndarray:
-    """A copy of the (H, W, 3) uint8 BGR image with a swatch and name per class, top left."""
+    """A copy of the (H, W, 3) uint8 BGR image with a swatch and name per class, top left.
+
+    The text is as large as the image's height suggests (scale h / 900, from 0.4 to 1.2); when
+    the entries do not fit one column, they take several, and then smaller text, down to the
+    smallest legible size (about 8 px). Where even that cannot hold them all, the last entry
+    that fits says "+N more" instead; an image too small for one legible entry (under about
+    26 px tall, or too narrow for the longest name) is returned without a legend.
+
+    layout_for: the class ids the layout makes room for (default `class_ids`). A video passes
+    every selected class, so that text size, rows and columns stay put from frame to frame
+    while classes come and go.
+
+    >>> out = draw_legend(frame_bgr, (7, 15), VOC, palette(VOC))   # doctest: +SKIP
+    """
     out = image.copy()
     if not class_ids:
         return out
-    h = out.shape[0]
-    scale = max(0.4, min(1.2, h / 900))
-    line = int(28 * scale) + 6
-    thick = max(1, int(round(scale * 1.5)))
-    widths = [cv2.getTextSize(categories[c], cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0] for c in class_ids]
-    box_w = line + max(widths) + 16
-    box_h = line * len(class_ids) + 8
+    planned = tuple(dict.fromkeys((*(layout_for or ()), *class_ids)))
+    h, w = out.shape[:2]
+    layout = _layout(h, w, tuple(categories[c] for c in planned))
+    if layout is None:
+        return out
+    entries: list[tuple[str, Optional[tuple[int, ...]]]] = [
+        (categories[c], tuple(int(v) for v in palette[c])) for c in class_ids
+    ]
+    if len(entries) > layout.slots:
+        kept = layout.slots - 1
+        entries = entries[:kept] + [(f"+{len(entries) - kept} more", None)]
+    cols = -(-len(entries) // layout.rows)
+    box_w = 2 * _PAD + cols * layout.col_w + (cols - 1) * layout.col_gap
+    box_h = 2 * _PAD + min(layout.rows, len(entries)) * layout.line
     # A dimmed panel keeps the names readable on any background.
-    roi = out[4 : 4 + box_h, 4 : 4 + box_w]
+    roi = out[_MARGIN : _MARGIN + box_h, _MARGIN : _MARGIN + box_w]
     roi[:] = (roi * 0.35).astype(np.uint8)
-    for row, c in enumerate(class_ids):
-        y = 8 + row * line
-        colour = tuple(int(v) for v in palette[c])
-        cv2.rectangle(out, (10, y + 2), (10 + line - 8, y + line - 6), colour, thickness=-1)
-        cv2.putText(
-            out,
-            categories[c],
-            (10 + line, y + line - 10),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            scale,
-            (255, 255, 255),
-            thick,
-            cv2.LINE_AA,
-        )
+    cap = cv2.getTextSize("A", _FONT, layout.scale, layout.thick)[0][1]
+    s = layout.swatch
+    for i, (name, colour) in enumerate(entries):
+        x = _MARGIN + _PAD + (i // layout.rows) * (layout.col_w + layout.col_gap)
+        y = _MARGIN + _PAD + (i % layout.rows) * layout.line
+        text_x = x
+        if colour is not None:
+            top = y + (layout.line - s) // 2
+            cv2.rectangle(out, (x, top), (x + s - 1, top + s - 1), colour, thickness=-1)
+            text_x = x + s + layout.gap
+        # Capitals centred on the swatch.
+        baseline = y + (layout.line + cap) // 2
+        cv2.putText(out, name, (text_x, baseline), _FONT, layout.scale, (255, 255, 255), layout.thick, cv2.LINE_AA)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(height: int, width: int, names: tuple[str, ...]) -> Optional[_Layout]:
+    """The largest text, then the fewest columns, that hold all `names` in a height x width
+    image; failing that, as many entries as fit at the smallest text, the last of them to say
+    "+N more"; None when not one fits. Cached: a video asks the same question every frame."""
+    preferred = max(0.4, min(1.2, height / 900))
+    steps = max(1, round((preferred - _MIN_SCALE) / 0.05))
+    room_w, room_h = width - _MARGIN - 2 * _PAD, height - _MARGIN - 2 * _PAD
+
+    def fit(scale: float, texts: Sequence[str]) -> _Layout:
+        thick = max(1, int(round(scale * 1.5)))
+        line = int(28 * scale) + 6
+        swatch = max(6, line - 8)
+        gap = max(4, int(line * 0.3))
+        col_w = swatch + gap + max(cv2.getTextSize(t, _FONT, scale, thick)[0][0] for t in texts)
+        rows = max(0, room_h // line)
+        cols = max(0, (room_w + 2 * gap) // (col_w + 2 * gap))
+        return _Layout(scale, thick, line, swatch, gap, col_w, 2 * gap, rows, rows * cols)
+
+    for step in range(steps + 1):
+        layout = fit(preferred - step * (preferred - _MIN_SCALE) / steps, names)
+        if layout.slots >= len(names):
+            cols = -(-len(names) // layout.rows)  # the fewest columns,
+            rows = -(-len(names) // cols)  # and no row left empty in the first
+            return layout._replace(rows=rows, slots=rows * cols)
+    layout = fit(_MIN_SCALE, (*names, f"+{len(names)} more"))
+    return layout if layout.slots >= 1 else None

@@ -80,8 +80,12 @@ def run_images(
         except SourceError as exc:
             yield ImageResult(path=path, error=_too_large(path) or str(exc))
             continue
+        try:
+            seg = segmenter(image)
+        except SourceError as exc:  # a shape the model cannot take (preprocess.MAX_SQUARES)
+            yield ImageResult(path=path, error=f"image '{path}': {exc}")
+            continue
         ensure_dir(out_dir)  # created on first use: a failed run leaves no empty directory
-        seg = segmenter(image)
         overlay = painter.blend(image, seg.labels)
         if legend:
             overlay = draw_legend(overlay, seg.present, seg.categories, segmenter.palette)

@@ -3,11 +3,14 @@
 Every mode (images, video files, cameras, streams) and every backend (torch, ONNX) goes through
 `to_input`. For torchvision weights it reproduces `weights.transforms()` on a PIL image: shorter
 side resized to 520 with antialiased bilinear filtering, then ImageNet mean/std. torch's uint8
-antialiased bilinear kernel is built to match PIL's, so the two agree to about 1e-5.
+antialiased bilinear kernel is built to match PIL's, so the two agree to about 1e-5. One
+departure: an image longer than 8:1 is not made 520 pixels on its short side, which would give a
+20000x40 strip a 260000x520 input and a forward pass of tens of GB (see `MAX_SQUARES`).
 """
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -16,13 +19,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .types import SourceError
+
+#: With an int `InputSpec.size`, the model's input holds at most this many size x size squares of
+#: pixels. Images up to 8:1 (panoramas, 32:9 video) are resized exactly as torchvision does;
+#: a longer one gets the largest input of its own shape within that many pixels, its short side
+#: then under `size`: the forward pass needs no more memory than for an 8:1 image (DeepLabV3-
+#: ResNet101 at 4160x520 in fp32: about 1 GB of activations), where the plain rule would take
+#: tens of GB for a 20000x40 strip (260000x520).
+MAX_SQUARES = 8
+
 
 @dataclass(frozen=True, slots=True)
 class InputSpec:
     """How a model wants its input.
 
     size: (width, height) for a fixed-size model, or an int for "resize the shorter side to N,
-    keep the aspect ratio" (torchvision's segmentation transforms), or None for "as it comes".
+    keep the aspect ratio" (torchvision's segmentation transforms; beyond 8:1 the short side is
+    less than N, see `MAX_SQUARES`), or None for "as it comes".
     mean, std: per channel, RGB order, 0-255 scale.
     """
 
@@ -31,15 +45,32 @@ class InputSpec:
     std: tuple[float, float, float]
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) the model sees for a frame of width x height."""
+        """(width, height) the model sees for a frame of width x height.
+
+        Raises SourceError for a picture so long and thin that its shape leaves under one pixel
+        on its short side within the input's pixel budget (with size 520, over 2,163,200:1).
+
+        >>> InputSpec(size=520, mean=(0, 0, 0), std=(1, 1, 1)).target_size(20000, 40)
+        (32500, 65)
+        """
         if self.size is None:
             return width, height
         if isinstance(self.size, tuple):
             return self.size
         # Same rounding as torchvision's F.resize with an int size: the long side is truncated.
         short, long = (width, height) if width <= height else (height, width)
-        new_long = int(self.size * long / short)
-        return (self.size, new_long) if width <= height else (new_long, self.size)
+        new_short, new_long = self.size, int(self.size * long / short)
+        budget = MAX_SQUARES * self.size * self.size
+        if new_short * new_long > budget:
+            # Longer than 8:1: the largest input of the image's shape within the budget, in
+            # integers so that it never goes over by a rounding.
+            new_short = math.isqrt(budget * short // long)
+            if new_short < 1:
+                side = "tall" if width > height else "wide"
+                raise SourceError(f"a {width}x{height} picture is too long and thin to segment: in the model's input of at "
+                                  f"most {budget:,} pixels it would be less than 1 pixel {side}")
+            new_long = new_short * long // short
+        return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
 def to_input(

@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
@@ -190,10 +191,17 @@ class JsonLines:
         self.close()
 
 
+#: The stem of a name MaskDir writes, f"{index:06d}": six digits, or from frame 1,000,000 on more
+#: digits without a leading zero. ASCII digits only: str.isdigit would take '٣' too.
+_MASK_STEM = re.compile(r"[0-9]{6}|[1-9][0-9]{6,}")
+
+
 def _masks_in(path: Path) -> list[Path]:
-    """The files in `path` named as streamseg names masks (six digits, .png), in name order.
-    Other files a user keeps there are never counted, replaced or removed."""
-    return sorted(p for p in path.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png") if p.is_file())
+    """The files in `path` named as streamseg names masks (`<index:06d>.png`), in frame order.
+    Other files a user keeps there (12345.png, 0000001.png, 000001.png.bak) are never counted,
+    replaced or removed."""
+    found = (p for p in path.glob("[0-9][0-9][0-9][0-9][0-9][0-9]*.png") if _MASK_STEM.fullmatch(p.stem) and p.is_file())
+    return sorted(found, key=lambda p: (len(p.stem), p.stem))
 
 
 def check_mask_dir(path: Path, *, overwrite: bool) -> None:

@@ -726,7 +726,9 @@ class VideoPipeline:
             overlay = painted if painted is not None else self.painter.blend(image, labels)
             if self.settings.legend:
                 present = tuple(c for c in self.painter.selected if np.any(labels == c))
-                overlay = draw_legend(overlay, present, self.segmenter.categories, self.painter.palette)
+                # Laid out for every selected class: text size and columns stay put while classes come and go.
+                overlay = draw_legend(overlay, present, self.segmenter.categories, self.painter.palette,
+                                      layout_for=self.painter.selected)
         else:
             # Before the first mask (live) or after a resolution change: the frame as it is.
             overlay = image

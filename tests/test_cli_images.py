@@ -10,6 +10,8 @@ import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -269,6 +271,53 @@ def test_weights_file_runs_a_torchvision_model(lraspp_weights, run_cli, tmp_path
     cats = weights_for("lraspp_mobilenet_v3_large").meta["categories"]
     present = {cats[c]: int((labels == c).sum()) for c in np.unique(labels) if c != 0}
     assert {name: px for name, (px, _) in info["classes"].items()} == present
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="an address-space limit needs POSIX (RLIMIT_AS)")
+def test_a_very_wide_image_runs_in_bounded_memory(lraspp_weights, tmp_path):
+    """A 20000x40 strip. Resized as torchvision resizes (short side 520), the model's input would
+    be 260000x520 and the forward pass would ask for tens of GB, ending in "internal error:
+    RuntimeError ... can't allocate memory" or the OOM killer. It runs within 8 GB of address
+    space, libraries and threads included, and labels every pixel of the strip."""
+    import resource
+
+    from conftest import ROOT
+
+    image = write_image(tmp_path / "strip.png", height=40, width=20000)
+
+    def limited() -> None:  # in the child only
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["MALLOC_ARENA_MAX"] = "2"  # glibc reserves 64 MB of address space per thread's arena otherwise
+    proc = subprocess.run([sys.executable, "-m", "streamseg", image, "-m", "lraspp_mobilenet_v3_large", "--weights",
+                           lraspp_weights, "-o", "out", "-c", "all", "--device", "cpu", "--threads", "2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    assert proc.returncode == 0, proc.stderr
+    (info,) = console(proc.stdout).values()
+    assert info["size"] == (20000, 40)
+    overlay, mask, labels = read_outputs(tmp_path / "out", "strip")
+    assert labels.shape == (40, 20000) and overlay.shape == mask.shape == (40, 20000, 3)
+    assert sum(px for px, _ in info["classes"].values()) == int((labels != 0).sum())
+
+
+def test_an_image_too_thin_for_the_model_is_one_error_and_the_others_run(tiny_onnx, run_cli, tmp_path):
+    """The tiny model's input is 32 pixels on its short side, 8 x 32 x 32 pixels at most: a 6000x1
+    line still fits (6000x1), a 10000x1 one cannot keep its shape in it. That one is named in
+    one line; the images around it are written."""
+    thin = write_image(tmp_path / "thin.png", height=1, width=10000)
+    line = write_image(tmp_path / "line.png", height=1, width=6000)
+    shot = write_image(tmp_path / "shot.png")
+    proc = run_cli(line, thin, shot, "-m", tiny_onnx, "-o", "out", "-c", "car", cwd=tmp_path)
+    assert proc.returncode == 1
+    (error,) = proc.stderr.splitlines()
+    assert error == (f"streamseg: error: image '{thin}': a 10000x1 picture is too long and thin to segment: in the "
+                     "model's input of at most 8,192 pixels it would be less than 1 pixel tall")
+    assert not list((tmp_path / "out").glob("thin_*"))
+    for stem, width in (("line", 6000), ("shot", 64)):
+        _, _, labels = read_outputs(tmp_path / "out", stem)
+        assert (labels[:, : width // 2] == 7).all()  # the red half is the tiny model's car
 
 
 def _weights_error(run_cli, tmp_path, weights: Path, model: str = "lraspp_mobilenet_v3_large", code: int = 1) -> str:

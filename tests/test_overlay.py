@@ -1,6 +1,7 @@
 """overlay.py: colour masks, alpha blending and the legend are pure and exact."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -124,3 +125,101 @@ def test_legend_on_a_tiny_image_does_not_fail():
     tiny = np.full((20, 30, 3), 200, np.uint8)
     out = draw_legend(tiny, (7, 15, 6), CATS, palette(CATS))
     assert out.shape == tiny.shape
+
+
+def _entries(out: np.ndarray, class_ids) -> dict[int, tuple[int, int, int, int]]:
+    """Each class's swatch as drawn, (top, left, bottom, right) inclusive, for those with one.
+    The swatch must be a whole filled square of the class's own colour."""
+    table = palette(CATS)
+    found = {}
+    for c in class_ids:
+        where = np.argwhere((out == table[c]).all(axis=2))
+        if len(where) == 0:
+            continue
+        (top, left), (bottom, right) = where.min(0), where.max(0)
+        assert bottom - top == right - left and len(where) == (bottom - top + 1) ** 2, f"{CATS[c]}: swatch cut off"
+        found[c] = (int(top), int(left), int(bottom), int(right))
+    return found
+
+
+def _white(out: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the legend's white text (grey-level pixels brighter than any dimmed background)."""
+    pixels = out.astype(int)
+    return (pixels.min(axis=2) > 100) & (pixels.max(axis=2) - pixels.min(axis=2) < 10)
+
+
+def _text_extent(out: np.ndarray, top: int, bottom: int, left: int, right: int) -> tuple[int, int]:
+    """First and last column of white text on the rows of the swatch top..bottom, columns left..right-1."""
+    cols = np.nonzero(_white(out)[max(0, top - 4) : bottom + 5, left:right].any(axis=0))[0]
+    assert len(cols), "no name beside the swatch"
+    return left + int(cols[0]), left + int(cols[-1])
+
+
+def _smallest_legible_width(name: str) -> int:
+    return cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, 0.3, 1)[0][0]
+
+
+@pytest.mark.parametrize(
+    "width, height, class_ids",
+    [
+        (160, 120, (2, 6, 7, 14, 19, 15, 11, 12)),  # a thumbnail with eight classes
+        (320, 90, (2, 6, 7, 14, 19, 15, 11)),  # a strip: seven classes, room for five rows at most
+        (90, 320, (2, 6, 7, 14, 19, 15, 11)),  # the same strip upright
+        (640, 360, tuple(range(1, 21))),  # every VOC class on a small video frame
+    ],
+)
+def test_legend_names_every_class_on_a_small_image(width, height, class_ids):
+    """Every class gets a whole swatch in its colour and, beside it, a name that is not cut off at
+    the image's edge and is at least as wide as the smallest legible text would draw it."""
+    grey = np.full((height, width, 3), (90, 100, 110), np.uint8)  # no legend colour occurs in it by chance
+    out = draw_legend(grey, class_ids, CATS, palette(CATS))
+    swatches = _entries(out, class_ids)
+    assert sorted(swatches) == sorted(class_ids), f"not listed: {[CATS[c] for c in class_ids if c not in swatches]}"
+    for c, (top, left, bottom, right) in swatches.items():
+        # The name runs from the swatch to the next column's swatches, or to the image's edge.
+        stop = min((l for (t, l, b, r) in swatches.values() if l > right), default=width)
+        first, last = _text_extent(out, top, bottom, right + 1, stop)
+        assert last - first + 1 >= _smallest_legible_width(CATS[c]) - 2, f"{CATS[c]}: name too small or cut"
+        assert last < width - 1, f"{CATS[c]}: name runs off the image"
+
+
+def test_legend_that_cannot_hold_every_class_says_how_many_it_leaves_out():
+    """20 classes on a 160x60 image: the first ones listed whole, then '+N more' for the rest."""
+    grey = np.full((60, 160, 3), (90, 100, 110), np.uint8)
+    class_ids = tuple(range(1, 21))
+    out = draw_legend(grey, class_ids, CATS, palette(CATS))
+    swatches = _entries(out, class_ids)
+    shown = len(swatches)
+    assert 1 <= shown < 20
+    assert sorted(swatches) == list(class_ids[:shown])  # the first ones, in the order given
+    # The text that is nobody's name is the last entry: "+N more", whole and legible.
+    rest = _white(out)
+    for top, left, bottom, right in swatches.values():
+        stop = min((l for (t, l, b, r) in swatches.values() if l > right), default=160)
+        rest[max(0, top - 4) : bottom + 5, right + 1 : stop] = False
+    cols = np.nonzero(rest.any(axis=0))[0]
+    assert len(cols), "no '+N more' entry"
+    assert cols[-1] - cols[0] + 1 >= _smallest_legible_width(f"+{20 - shown} more") - 2
+    assert cols[-1] < 159
+
+
+@pytest.mark.parametrize("height, width", [(20, 30), (32, 32)])
+def test_legend_too_small_for_one_legible_entry_is_left_out(height, width):
+    """Documented: no room for one entry at the smallest legible size, no legend (rather than
+    names cut in half)."""
+    image = np.full((height, width, 3), 200, np.uint8)
+    out = draw_legend(image, tuple(range(1, 21)), CATS, palette(CATS))
+    assert out is not image and np.array_equal(out, image)
+
+
+def test_video_legend_keeps_its_size_while_classes_come_and_go():
+    """A video lays the legend out for every selected class: the car's entry is the same size
+    and in the same place whether it is alone or among all eight."""
+    grey = np.full((120, 160, 3), (90, 100, 110), np.uint8)
+    selected = (7, 2, 6, 14, 19, 15, 11, 12)
+    alone = _entries(draw_legend(grey, (7,), CATS, palette(CATS), layout_for=selected), (7,))
+    crowded = _entries(draw_legend(grey, selected, CATS, palette(CATS), layout_for=selected), (7,))
+    assert alone[7] == crowded[7]
+    # Without it, a single class gets the larger text an image of this size allows.
+    single = _entries(draw_legend(grey, (7,), CATS, palette(CATS)), (7,))
+    assert single[7][2] - single[7][0] > alone[7][2] - alone[7][0]

@@ -9,7 +9,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from streamseg.model import spec_from_weights, weights_for
-from streamseg.preprocess import InputSpec, to_input
+from streamseg.preprocess import MAX_SQUARES, InputSpec, to_input
+from streamseg.types import SourceError
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +80,44 @@ def test_colour_order_is_flipped_once(weights):
 
 @pytest.mark.parametrize(
     "width, height",
-    [(1280, 720), (720, 1280), (641, 361), (361, 641), (520, 520), (333, 700), (1000, 999), (61, 97), (3000, 70)],
+    [(1280, 720), (720, 1280), (641, 361), (361, 641), (520, 520), (333, 700), (1000, 999), (61, 97),
+     (5120, 1440), (8000, 1000), (1000, 8000)],  # up to 8:1 (32:9 video, panoramas): as torchvision
 )
 def test_target_size_rounds_like_torchvision(width, height):
     spec = InputSpec(size=520, mean=(0, 0, 0), std=(1, 1, 1))
     resized = TF.resize(torch.zeros(1, height, width, dtype=torch.uint8), [520], antialias=True)
     assert spec.target_size(width, height) == (resized.shape[2], resized.shape[1])
+
+
+@pytest.mark.parametrize("width, height", [(3000, 70), (20000, 40), (40, 20000), (4200, 520), (20000, 1), (100000, 7)])
+def test_a_very_long_image_gets_a_bounded_input_of_its_own_shape(width, height):
+    """Beyond 8:1 the short side is not stretched to 520 (a 20000x40 strip would become
+    260000x520, tens of GB in the forward pass): the input keeps the image's shape and holds no
+    more pixels than an 8:1 image's, nor many fewer."""
+    spec = InputSpec(size=520, mean=(0, 0, 0), std=(1, 1, 1))
+    tw, th = spec.target_size(width, height)
+    budget = MAX_SQUARES * 520 * 520  # 4160x520
+    assert 0.9 * budget <= tw * th <= budget
+    assert 1 <= min(tw, th) < 520 and (tw > th) == (width > height)
+    short, long = sorted((tw, th))
+    aspect = max(width, height) / min(width, height)
+    assert short * aspect - 1 < long <= short * aspect  # the image's shape, to the pixel
+
+
+def test_an_image_too_thin_for_any_input_is_a_clear_error():
+    """With a small model size, a 3000x1 image would be under one pixel tall within the budget."""
+    spec = InputSpec(size=16, mean=(0, 0, 0), std=(1, 1, 1))  # at most 8 x 16 x 16 = 2048 pixels
+    assert spec.target_size(2048, 1) == (2048, 1)
+    with pytest.raises(SourceError, match=r"3000x1 picture is too long and thin.* less than 1 pixel tall"):
+        spec.target_size(3000, 1)
+    with pytest.raises(SourceError, match=r"1x3000 picture .* less than 1 pixel wide"):
+        spec.target_size(1, 3000)
+
+
+def test_a_very_wide_frame_becomes_that_input():
+    spec = InputSpec(size=520, mean=(0, 0, 0), std=(1, 1, 1))
+    x = to_input([np.zeros((40, 20000, 3), np.uint8)], spec)
+    assert tuple(x.shape) == (1, 3, *spec.target_size(20000, 40)[::-1]) == (1, 3, 65, 32500)
 
 
 def test_target_size_fixed_and_none():

@@ -381,6 +381,34 @@ def test_overwrite_replaces_the_earlier_masks_as_a_whole(clips: dict[str, Path],
 
 
 @needs_model
+def test_overwrite_removes_earlier_masks_of_a_million_frames_and_more(tmp_path: Path) -> None:
+    """Masks of frame 1,000,000 on are named 1000000.png, 12345678.png, ...: after --overwrite none
+    of an earlier run that long is left, and files streamseg never writes there stay."""
+    src = make_video(tmp_path / "short.mp4", n=6, width=160, height=120)
+    masks_dir = tmp_path / "m"
+    masks_dir.mkdir()
+    earlier = ["000003.png", "000042.png", "999999.png", "1000000.png", "1234567.png", "12345678.png", "1" + "0" * 12 + ".png"]
+    for name in earlier:
+        assert cv2.imwrite(str(masks_dir / name), np.full((120, 160), 9, np.uint8))
+    mine = {"0000001.png": "a leading zero and seven digits: {:06d} never writes that",
+            "01000000.png": "nor that", "1000000.png.bak": "a backup", "1000000.PNG": "upper case",
+            "x1000000.png": "a prefix", "1000000a.png": "a suffix", "123.png": "three digits"}
+    for name, text in mine.items():
+        (masks_dir / name).write_text(text)
+    (masks_dir / "2000000.png").mkdir()  # a directory is never a mask
+
+    refused = run_cli(src, "-o", "c.mp4", "--model", ONNX_MODEL, "--save-masks", "m", cwd=tmp_path)
+    assert refused.returncode == 1 and "already holds masks" in refused.stderr
+
+    result = run_cli(src, "-o", "c.mp4", "--model", ONNX_MODEL, "--save-masks", "m", "--overwrite", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ours = sorted(p.name for p in masks_dir.iterdir() if p.name not in mine and p.name != "2000000.png")
+    assert ours == [f"{i:06d}.png" for i in range(6)]
+    assert {name: (masks_dir / name).read_text() for name in mine} == mine
+    assert (masks_dir / "2000000.png").is_dir()
+
+
+@needs_model
 def test_shipped_sample_shows_both_cars(tmp_path: Path) -> None:
     """The README's third command on the shipped sample, with the real ONNX model: every frame
     has both drawn cars partly coloured (the drawing must look like cars to a model trained on
