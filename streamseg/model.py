@@ -14,7 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -350,6 +350,7 @@ class OnnxModel:
         self._providers = providers
         self.threads = threads or os.cpu_count() or 1
         self.session = self._session(self.threads)
+        self._sessions: dict[int, Any] = {}  # sessions made for other thread counts
         self.name = p.name
         self.device = device
         self.precision = "fp32"
@@ -375,9 +376,11 @@ class OnnxModel:
 
     def set_threads(self, threads: int) -> None:
         """Run with `threads` intra-op threads from now on. onnxruntime fixes a session's thread
-        count when it is made, so this makes a new session (tens of ms for a small model)."""
+        count when it is made, so this makes a new session (tens of ms for a small model); one
+        made before is kept, for a run that tries a thread count and goes back."""
         if threads != self.threads:
-            self.session = self._session(threads)
+            self._sessions[self.threads] = self.session
+            self.session = self._sessions.get(threads) or self._session(threads)
             self.threads = threads
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -98,21 +98,29 @@ class _Balance:
     The model is the one stage that cannot be split or run ahead, so once this is settled the
     capture and output threads give way to it (`_give_way`). What is settled first, at equal
     priority, is how many threads the model gets. For most models the forward pass is the bulk
-    of the work and every core makes it faster. With a light model the rest of a frame's work
-    (decode, preprocess, label map, blend, encode) is as large as the forward, and the model's
-    last thread costs more than it gives: a second thread makes the 257x257 ONNX model's forward
-    1.5 times faster alone (16.9 -> 11.4 ms) for 20 % more CPU, but in the pipeline each of its
-    two halves waits for the other whenever a stage holds that core. So after a warm-up the
-    run times both over the same frames, the forward (wall time, per frame of the video) and the
-    CPU the rest takes per frame, and when the rest is at least `SHARE` of the forward, the model
-    keeps one core fewer.
+    of the work and every core makes it faster. With a light model, or a stride that skips the
+    model on most frames, the rest of a frame's work (decode, preprocess, label map, blend,
+    encode) is as large as the forward, and the model's last thread may cost more than it gives:
+    in the pipeline each of the forward's parts waits for the others whenever a stage holds a
+    core.
 
-    Measured on a 2-core machine: the ONNX model on 720p video (rest/forward about 0.95) gets
-    one core and runs at 55-58 frames/s instead of 49; LR-ASPP (0.15) and every ResNet model keep
-    both. Near the line both ways measure alike (LR-ASPP at --stride 4: 3.61x stride 1 on one
-    thread, 3.58x on two). Per-frame costs from one window are compared rather than frame rates
-    from two: the cost of decoding and encoding changes with the picture, so two windows' rates
-    differed by more than the two settings did.
+    So after a warm-up the run times, over the same frames, the forward (wall time, per frame of
+    the video) and the CPU the rest takes per frame, with the model on every core. Where the rest
+    is under `SHARE` of the forward, that settles it. Otherwise a second window times the forward
+    on one core fewer, and the run keeps whichever setting gives the shorter time per frame:
+
+    - every core: the forward, then the rest shared out over the cores (the model's threads hold
+      every core while they run): ``forward_all + rest / cores``;
+    - one core fewer: the model on its cores, the rest alongside, whichever is longer:
+      ``max(forward_fewer, (forward_fewer + rest) / cores)``.
+
+    Measured on a 2-core AMD EPYC (720p video): the ONNX model (forward 12-15 ms on both cores in
+    the pipeline, about 15 on one, rest 15-17 ms) gets one core; LR-ASPP keeps both, at stride 4
+    too (forward 91 ms every 4 frames on both cores, about 140 on one, rest 13 ms per frame:
+    240 frames took 6.6 s on both cores and 9.9 s on one). The forward is compared on its own
+    rather than two windows' frame rates: decoding and encoding cost changes with the picture,
+    so two windows' rates differ by more than the two settings do, while a forward's cost does
+    not depend on the picture.
 
     Only a segmenter whose thread count the caller left to streamseg is changed. One given fewer
     threads than there are cores has the other stages give way from the start; one given every
@@ -120,9 +128,10 @@ class _Balance:
     """
 
     WARM = 4  # forwards before timing (buffers, encoder set-up)
-    FRAMES = 8  # forwards in the timed window, and at least
-    WINDOW_S = 0.5  # seconds in the timed window
-    SHARE = 0.5  # rest-of-the-work / forward ratio from which the model keeps one core fewer
+    REWARM = 2  # forwards before timing again on fewer threads (a new onnxruntime session's first run)
+    FRAMES = 8  # forwards in a timed window, and at least
+    WINDOW_S = 0.5  # seconds in a timed window
+    SHARE = 0.5  # rest-of-the-work / forward ratio from which one core fewer is tried
 
     def __init__(self, segmenter, stride: int, *, own_output: bool, cores: Optional[int] = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
@@ -135,11 +144,13 @@ class _Balance:
         self._give_way = threading.Event()
         self._settled: set[str] = set()  # threads with nothing left to do in step()
         self._clock: dict[str, float] = {}
-        self._cpu: dict[str, list] = {"capture": [0.0, 0], "output": [0.0, 0]}  # CPU seconds, frames
+        self._cpu: dict[str, list] = {}  # thread -> [CPU seconds, frames] in the timed window
         self._timing = False
-        self._count = 0  # forwards so far
+        self._count = 0  # forwards so far in this setting
+        self._warm = self.WARM
         self._since = 0.0
         self._forwards: list[float] = []  # seconds per segmented frame, in the timed window
+        self._all: Optional[tuple[float, float]] = None  # (forward, rest) ms per frame on every core
         self.outcome = "all cores"
         threads = getattr(segmenter, "threads", None)
         if threads is not None and threads < self.cores:
@@ -164,8 +175,8 @@ class _Balance:
         now = time.thread_time()
         last = self._clock.get(name)
         self._clock[name] = now
-        if last is not None and self._timing:
-            seen = self._cpu[name]
+        if last is not None and self._timing and now >= last:  # (a stage's new thread starts its clock at 0)
+            seen = self._cpu.setdefault(name, [0.0, 0])
             seen[0] += now - last
             seen[1] += 1
 
@@ -176,22 +187,41 @@ class _Balance:
         now = self._now()
         self._count += 1
         if not self._timing:
-            if self._count >= self.WARM:
+            if self._count >= self._warm:
                 self._timing, self._since = True, now
+                self._forwards, self._cpu = [], {"capture": [0.0, 0], "output": [0.0, 0]}
             return
         self._forwards.append(seconds / max(1, frames))
         counts = [n for _, n in self._cpu.values()]
         if len(self._forwards) < self.FRAMES or min(counts) < self.FRAMES or now - self._since < self.WINDOW_S:
             return
-        self.decided, self._timing = True, False
+        self._timing = False
         model_ms = 1000 * float(np.median(self._forwards)) / self.stride  # per frame of the video
         rest_ms = 1000 * sum(cpu / n for cpu, n in self._cpu.values())
-        if rest_ms >= self.SHARE * model_ms:
-            self.segmenter.set_threads(self.cores - 1)
-            self.outcome = f"{self.cores - 1} of {self.cores} cores"
+        fewer = self.cores - 1
+        if self._all is None:  # the window on every core
+            if rest_ms < self.SHARE * model_ms:
+                self._settle(f"the model runs on all cores: its forward takes {model_ms:.1f} ms per frame of the "
+                             f"video, the rest {rest_ms:.1f} ms of CPU")
+                return
+            self._all = (model_ms, rest_ms)
+            self.segmenter.set_threads(fewer)
+            self._count, self._warm = 0, self.REWARM
+            return
+        all_ms = self._all[0] + self._all[1] / self.cores
+        fewer_ms = max(model_ms, (model_ms + rest_ms) / self.cores)
+        if fewer_ms < all_ms:
+            self.outcome = f"{fewer} of {self.cores} cores"
+        else:
+            self.segmenter.set_threads(self.cores)
+        self._settle(f"the model runs on {self.outcome}: its forward takes {self._all[0]:.1f} ms per frame of the "
+                     f"video on all cores, {model_ms:.1f} on {fewer}, the rest {self._all[1]:.1f} / {rest_ms:.1f} ms "
+                     f"of CPU: about {all_ms:.1f} against {fewer_ms:.1f} ms per frame")
+
+    def _settle(self, how: str) -> None:
+        self.decided = True
         self._give_way.set()
-        log.debug("the model runs on %s: its forward takes %.1f ms per frame of the video, the rest %.1f ms of CPU",
-                  self.outcome, model_ms, rest_ms)
+        log.debug("%s", how)
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +411,8 @@ class VideoPipeline:
         self._live_start: Optional[float] = None
         self._recording_start: Optional[float] = None
         self._recorded_s: Optional[float] = None
+        # The legend's classes of the last label map: with --stride N, N frames share one map.
+        self._legend_of: tuple[Optional[np.ndarray], tuple[int, ...]] = (None, ())
 
     # -- threads ---------------------------------------------------------------------------
 
@@ -725,7 +757,9 @@ class VideoPipeline:
         if labels is not None and labels.shape == image.shape[:2]:
             overlay = painted if painted is not None else self.painter.blend(image, labels)
             if self.settings.legend:
-                present = tuple(c for c in self.painter.selected if np.any(labels == c))
+                if self._legend_of[0] is not labels:
+                    self._legend_of = (labels, tuple(c for c in self.painter.selected if np.any(labels == c)))
+                present = self._legend_of[1]
                 # Laid out for every selected class: text size and columns stay put while classes come and go.
                 overlay = draw_legend(overlay, present, self.segmenter.categories, self.painter.palette,
                                       layout_for=self.painter.selected)

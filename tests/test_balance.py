@@ -58,9 +58,12 @@ def busy(seconds: float) -> None:
         pass
 
 
-def drive(balance: _Balance, clock: Clock, *, forward_s: float, period_s: float, n: int, rest_s: float = 0.002) -> None:
+def drive(balance: _Balance, clock: Clock, *, forward_s, period_s: float, n: int, rest_s: float = 0.002) -> None:
     """n frames: the other stages each use `rest_s` of CPU, then the model's forward ends after
-    `period_s` of (scripted) wall time. Runs in a worker thread: step() may lower its priority."""
+    `period_s` of (scripted) wall time. `forward_s`: seconds per forward, or {threads: seconds}
+    for a model whose speed depends on the threads the balance gives it. Runs in a worker
+    thread: step() may lower its priority."""
+    seg = balance.segmenter
 
     def frames() -> None:
         for _ in range(n):
@@ -69,7 +72,7 @@ def drive(balance: _Balance, clock: Clock, *, forward_s: float, period_s: float,
             balance.step("output")
             busy(rest_s)
             clock.t += period_s
-            balance.forward(forward_s, 1)
+            balance.forward(forward_s[seg.threads] if isinstance(forward_s, dict) else forward_s, 1)
 
     t = threading.Thread(target=frames)
     t.start()
@@ -79,10 +82,24 @@ def drive(balance: _Balance, clock: Clock, *, forward_s: float, period_s: float,
 def test_a_light_model_gives_a_core_to_the_rest_of_the_work():
     seg, clock = Recorder(threads=2), Clock()
     balance = _Balance(seg, 1, own_output=True, cores=2, clock=clock)
-    # A 2 ms forward against several ms of other CPU work per frame.
-    drive(balance, clock, forward_s=0.002, period_s=0.020, n=4 + 30)
+    # A 2 ms forward (3 ms on one thread) against 8 ms of other CPU work per frame (each stage's
+    # step-to-step CPU, 4 ms, as both run in one thread here): every core, 2 + 8 / 2 = 6 ms per
+    # frame; one core fewer, max(3, (3 + 8) / 2) = 5.5 ms.
+    drive(balance, clock, forward_s={2: 0.002, 1: 0.003}, period_s=0.020, n=4 + 30 + 2 + 30)
     assert seg.calls == [1] and seg.threads == 1
     assert balance.outcome == "1 of 2 cores"
+    assert balance._give_way.is_set()
+
+
+def test_one_core_fewer_is_tried_and_given_back_where_the_model_needs_it_more():
+    # LR-ASPP at --stride 4 on a 2-core EPYC: the rest is large enough to try one core fewer,
+    # but the model slows more on one core than the rest gains (every core: 12 + 8 / 2 = 16 ms
+    # per frame; one fewer: max(20, (20 + 8) / 2) = 20 ms).
+    seg, clock = Recorder(threads=2), Clock()
+    balance = _Balance(seg, 1, own_output=True, cores=2, clock=clock)
+    drive(balance, clock, forward_s={2: 0.012, 1: 0.020}, period_s=0.020, n=4 + 30 + 2 + 30)
+    assert seg.calls == [1, 2] and seg.threads == 2
+    assert balance.decided and balance.outcome == "all cores"
     assert balance._give_way.is_set()
 
 
@@ -96,7 +113,7 @@ def test_nothing_is_decided_before_the_timed_window_is_full():
 def test_a_model_that_outweighs_the_rest_keeps_every_core():
     seg, clock = Recorder(threads=2), Clock()
     balance = _Balance(seg, 1, own_output=True, cores=2, clock=clock)
-    # A 120 ms forward against a few ms of other work per frame.
+    # A 120 ms forward against a few ms of other work per frame: no second window.
     drive(balance, clock, forward_s=0.120, period_s=0.130, n=4 + 12)
     drive(balance, clock, forward_s=0.120, period_s=0.130, n=20)
     assert seg.calls == []
@@ -105,11 +122,12 @@ def test_a_model_that_outweighs_the_rest_keeps_every_core():
 
 
 def test_stride_counts_the_model_per_frame_of_the_video():
-    # The same 120 ms forward once every 40 frames is 3 ms per frame: no longer the larger cost.
+    # The same 120 ms forward once every 40 frames is 3 ms per frame (3.75 on one thread): no
+    # longer the larger cost (every core: 3 + 8 / 2 = 7 ms per frame; one fewer: 5.9 ms).
     seg, clock = Recorder(threads=2), Clock()
     balance = _Balance(seg, 40, own_output=True, cores=2, clock=clock)
-    drive(balance, clock, forward_s=0.120, period_s=0.130, n=4 + 12)
-    assert seg.calls == [1]
+    drive(balance, clock, forward_s={2: 0.120, 1: 0.150}, period_s=0.130, n=4 + 12 + 2 + 12)
+    assert seg.calls == [1] and balance.outcome == "1 of 2 cores"
 
 
 def test_threads_the_user_chose_are_left_alone():
