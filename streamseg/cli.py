@@ -44,6 +44,14 @@ class _Parser(ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
+    def parse_args(self, args=None, namespace=None):
+        # argparse_dataclass builds (so validates) the options before argparse looks for unknown
+        # arguments: a misspelt `--ouput x.onnx` read as a missing -o. The typo is named first.
+        _, unknown = argparse.ArgumentParser.parse_known_args(self, args)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return super().parse_args(args, namespace)
+
 
 def build_parser() -> _Parser:
     parser = _Parser(
