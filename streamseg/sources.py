@@ -221,6 +221,19 @@ def _to_bgr8(image: np.ndarray, path: Path) -> np.ndarray:
     raise SourceError(f"image '{path}' has unsupported pixel type {image.dtype}")
 
 
+#: Names that look like videos, for a hint only: any file that is not an image is tried as a video.
+_VIDEO_NAMES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mts", ".mpg", ".mpeg",
+                          ".wmv", ".flv", ".3gp"})
+
+
+def _video_hint(files: list[Path]) -> str:
+    """For a folder or glob of videos: where a video goes instead (SOURCE only takes them singly)."""
+    videos = [f for f in files if f.suffix.lower() in _VIDEO_NAMES]
+    if not videos:
+        return ""
+    return f"; a video is one SOURCE of its own, one at a time, e.g. '{videos[0]}'"
+
+
 def expand_image_sources(specs: Sequence[str]) -> list[Path]:
     """Turn image SOURCE arguments into a list of image files.
 
@@ -247,12 +260,14 @@ def expand_image_sources(specs: Sequence[str]) -> list[Path]:
             found = _without_own_outputs(found)
             if not found:
                 listed = " ".join(sorted(IMAGE_SUFFIXES))
-                raise SourceError(f"directory '{spec}' contains no image files ({listed})")
+                others = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+                raise SourceError(f"directory '{spec}' contains no image files ({listed}){_video_hint(others)}")
         elif any(ch in _GLOB_CHARS for ch in spec):
             found = [Path(m) for m in sorted(glob.glob(spec, recursive=True)) if _is_image_name(Path(m)) and os.path.isfile(m)]
             found = _without_own_outputs(found)
             if not found:
-                raise SourceError(f"pattern '{spec}' matched no image files")
+                others = [Path(m) for m in sorted(glob.glob(spec, recursive=True)) if os.path.isfile(m)]
+                raise SourceError(f"pattern '{spec}' matched no image files{_video_hint(others)}")
         else:
             raise SourceError(f"image source '{spec}' does not exist")
         for file in found:

@@ -248,9 +248,22 @@ def test_expand_image_sources_errors(tmp_path: Path) -> None:
     assert str(empty) in str(info.value)
     with pytest.raises(SourceError, match="matched no image files"):
         expand_image_sources([str(tmp_path / "*.png")])
+    # A folder or glob of videos (as Ultralytics takes them) says where a video goes instead.
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "a.mp4").write_bytes(b"\0")
+    (clips / "b.mp4").write_bytes(b"\0")
+    (clips / "0_notes.txt").write_text("not a video: never the example")
+    for spec in (clips, clips / "*.mp4"):
+        with pytest.raises(SourceError, match="no image files") as info:
+            expand_image_sources([str(spec)])
+        assert str(info.value).endswith(f"; a video is one SOURCE of its own, one at a time, e.g. '{clips / 'a.mp4'}'")
     with pytest.raises(SourceError, match="does not exist") as info:
         expand_image_sources([str(tmp_path / "missing.png")])
     assert "missing.png" in str(info.value)
+    with pytest.raises(SourceError) as info:  # a folder of other files gets no video hint
+        expand_image_sources([str(empty)])
+    assert "video" not in str(info.value)
 
 
 def test_image_suffixes() -> None:
