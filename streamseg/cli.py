@@ -44,6 +44,14 @@ class _Parser(ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
+    def parse_args(self, args=None, namespace=None):
+        # argparse_dataclass builds (so validates) the options before argparse looks for unknown
+        # arguments: a misspelt `--ouput x.onnx` read as a missing -o. The typo is named first.
+        _, unknown = argparse.ArgumentParser.parse_known_args(self, args)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return super().parse_args(args, namespace)
+
 
 def build_parser() -> _Parser:
     parser = _Parser(
@@ -341,8 +349,9 @@ def _run_images(opts: Options, paths) -> int:
     defaults = {f.name: f.default for f in fields(opts)}
     given = [flag for name, flag in _VIDEO_ONLY.items() if getattr(opts, name) != defaults[name]]
     if given:  # said, rather than ignored: `--save-masks DIR` would leave DIR empty without a word
+        hint = " (each image's label map is <name>_labels.png)" if "--save-masks" in given else ""
         raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to videos, cameras and "
-                         "streams, not to still images (each image's label map is <name>_labels.png)")
+                         f"streams, not to still images{hint}")
 
     out_dir = Path(opts.output) if opts.output else Path(".")
     # `-o result.png` would quietly become a directory of that name; one that exists already is a

@@ -173,7 +173,7 @@ class Options:
 class ExportOptions:
     """`streamseg export`: write a model of the table to ONNX with streamseg metadata."""
 
-    model: str = field(default=DEFAULT_MODEL, metadata=_opt("-m", "--model", help=f"one of {', '.join(MODEL_NAMES)}"))
+    model: str = field(default=DEFAULT_MODEL, metadata=_opt("-m", "--model", help=f"one of {', '.join(MODEL_NAMES)} (default: {DEFAULT_MODEL})"))
     output: str = field(default="", metadata=_opt("-o", "--output", metavar="FILE.onnx", help="where to write the ONNX model"))
     weights: Optional[str] = field(default=None, metadata=_opt("--weights", metavar="FILE.pth", help="local state dict"))
     input_size: str = field(

@@ -202,6 +202,21 @@ class _Compiled:
         return out
 
 
+def _misfit(net: torch.nn.Module, state: dict, exc: RuntimeError) -> str:
+    """What torch's load_state_dict error says (a header, then a line per key) in one line."""
+    try:  # torch's own lists (a missing BatchNorm counter is no misfit); the net is discarded
+        found = net.load_state_dict(state, strict=False)
+        missing, unexpected = found.missing_keys, found.unexpected_keys
+    except RuntimeError:  # shapes differ too
+        missing = unexpected = []
+    parts = [f"{len(keys)} {what} tensor{'s' if len(keys) > 1 else ''} ({keys[0]}{', ...' if len(keys) > 1 else ''})"
+             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if not parts:  # the same names in other shapes: torch's first detail line says which
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        parts = lines[1:2] or lines[:1]
+    return "; ".join(parts)
+
+
 def _build(name: str, weights, *, weights_file: Optional[str], pretrained: bool, num_classes: int,
            verify: bool = True) -> torch.nn.Module:
     import torchvision.models.segmentation as seg
@@ -216,8 +231,7 @@ def _build(name: str, weights, *, weights_file: Optional[str], pretrained: bool,
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ModelLoadError(f"weights file '{weights_file}' does not fit model {name}: {first}") from exc
+            raise ModelLoadError(f"weights file '{weights_file}' does not fit model {name}: {_misfit(net, state, exc)}") from exc
         return net
     if not pretrained:
         return builder(weights=None, weights_backbone=None, num_classes=num_classes)

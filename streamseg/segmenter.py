@@ -203,7 +203,13 @@ class PendingSegmentation:
 
 def _check_image(image: np.ndarray) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError("expected a (H, W, 3) uint8 BGR array")
+        if image is None:  # what cv2.imread returns for a file it cannot read
+            got = "None (cv2.imread gives None for a file it cannot read)"
+        elif isinstance(image, np.ndarray):
+            got = f"a {image.shape} {image.dtype} array"
+        else:
+            got = type(image).__name__
+        raise ValueError(f"expected a (H, W, 3) uint8 BGR array, got {got}")
     return image
 
 

@@ -107,6 +107,18 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+#: What a run writes per image, <stem><kind>.png (pipeline.image_outputs).
+_OUTPUT_KINDS = ("_overlay", "_mask", "_labels")
+
+
+def _without_own_outputs(found: list[Path]) -> list[Path]:
+    """`found` less streamseg's own <stem>_overlay/_mask/_labels.png lying beside <stem>'s image:
+    a run with the default `-o .` puts them there, and the next run on the folder segmented them."""
+    stems = {(p.parent, p.stem) for p in found}
+    return [p for p in found if not (p.suffix == ".png" and any(
+        p.stem.endswith(kind) and (p.parent, p.stem[: -len(kind)]) in stems for kind in _OUTPUT_KINDS))]
+
+
 class _Refused(SourceError):
     """The server answered, and the answer will not change by asking again (HTTP 404, a web page
     instead of a video): no reconnecting."""
@@ -209,12 +221,26 @@ def _to_bgr8(image: np.ndarray, path: Path) -> np.ndarray:
     raise SourceError(f"image '{path}' has unsupported pixel type {image.dtype}")
 
 
+#: Names that look like videos, for a hint only: any file that is not an image is tried as a video.
+_VIDEO_NAMES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mts", ".mpg", ".mpeg",
+                          ".wmv", ".flv", ".3gp"})
+
+
+def _video_hint(files: list[Path]) -> str:
+    """For a folder or glob of videos: where a video goes instead (SOURCE only takes them singly)."""
+    videos = [f for f in files if f.suffix.lower() in _VIDEO_NAMES]
+    if not videos:
+        return ""
+    return f"; a video is one SOURCE of its own, one at a time, e.g. '{videos[0]}'"
+
+
 def expand_image_sources(specs: Sequence[str]) -> list[Path]:
     """Turn image SOURCE arguments into a list of image files.
 
     A file is kept as given; a directory gives its image files (by suffix, sorted by name,
     not recursive, hidden files skipped); a glob gives its sorted matches that are image files
-    ("**" recurses). Duplicates (the same file reached twice) are dropped, first occurrence wins.
+    ("**" recurses). From a directory or a glob, a run's own outputs beside their image
+    (a_overlay.png, a_mask.png, a_labels.png next to a.jpg) are left out. Duplicates (the same file reached twice) are dropped, first occurrence wins.
     Raises SourceError naming a missing path, an image-less directory or a glob that matched nothing.
 
     >>> expand_image_sources(["shots/", "extra.png"])  # doctest: +SKIP
@@ -231,13 +257,17 @@ def expand_image_sources(specs: Sequence[str]) -> list[Path]:
         elif path.is_dir():
             # Hidden files are skipped: macOS "._photo.jpg" resource forks carry image suffixes but are not images.
             found = sorted(p for p in path.iterdir() if _is_image_name(p) and not p.name.startswith(".") and p.is_file())
+            found = _without_own_outputs(found)
             if not found:
                 listed = " ".join(sorted(IMAGE_SUFFIXES))
-                raise SourceError(f"directory '{spec}' contains no image files ({listed})")
+                others = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+                raise SourceError(f"directory '{spec}' contains no image files ({listed}){_video_hint(others)}")
         elif any(ch in _GLOB_CHARS for ch in spec):
             found = [Path(m) for m in sorted(glob.glob(spec, recursive=True)) if _is_image_name(Path(m)) and os.path.isfile(m)]
+            found = _without_own_outputs(found)
             if not found:
-                raise SourceError(f"pattern '{spec}' matched no image files")
+                others = [Path(m) for m in sorted(glob.glob(spec, recursive=True)) if os.path.isfile(m)]
+                raise SourceError(f"pattern '{spec}' matched no image files{_video_hint(others)}")
         else:
             raise SourceError(f"image source '{spec}' does not exist")
         for file in found:

@@ -27,6 +27,9 @@ from .types import UsageError
 
 log = logging.getLogger(__name__)
 
+#: The most a preview window opens at (width, height); the user can resize it.
+_START_SIZE = (1280, 720)
+
 _KEYS = {ord("q"): "quit", ord("Q"): "quit", 27: "quit", ord(" "): "pause", ord("s"): "snapshot",
          ord("S"): "snapshot"}
 
@@ -170,6 +173,7 @@ class Window:
         self._shown_title = title
         self._closed = False
         self._gone = False  # closed by the user: another imshow() would quietly open a new window
+        self._sized = False
         try:
             cv2.namedWindow(self._name, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO | cv2.WINDOW_GUI_NORMAL)
         except cv2.error as error:
@@ -188,6 +192,13 @@ class Window:
         if self._gone:
             return "quit"
         cv2.imshow(self._name, image)
+        if not self._sized:
+            # Qt opens a WINDOW_NORMAL window at 400x300 whatever the image: a 720p stream showed
+            # at 400x225. It opens at the frame's size instead, scaled down to fit _START_SIZE.
+            self._sized = True
+            height, width = image.shape[:2]
+            scale = min(1.0, _START_SIZE[0] / width, _START_SIZE[1] / height)
+            cv2.resizeWindow(self._name, max(1, round(width * scale)), max(1, round(height * scale)))
         if fps is not None:
             title = f"{self.title} - {fps:.1f} fps"
             if title != self._shown_title:  # a title change costs a round trip to the GUI thread

@@ -227,6 +227,11 @@ ROWS = [
         within_s=10, alone=True),
     Row("unknown model", ("{in}/good.png", "-m", "deeplabv5", "-o", "out"), 2, ("deeplabv5",)),
     Row("unknown class", IMG + ("--classes", "car,spaceship"), 2, ("spaceship",)),
+    # A typo is named, not hidden behind what it left out or beside (options are validated after).
+    Row("misspelt option beside a bad value", IMG + ("--alpha", "1.5", "--legnd"), 2,
+        ("unrecognized arguments: --legnd",)),
+    Row("export with a misspelt -o", ("export", "-m", "lraspp_mobilenet_v3_large", "--ouput", "x.onnx"), 2,
+        ("unrecognized arguments: --ouput x.onnx",)),
     Row("class given as a superscript digit", IMG + ("--classes", "car,\u00b3"), 2, ("unknown class", "\u00b3")),
     # Said rather than ignored: masks asked for on a still image would go nowhere without a word.
     Row("video options on a still image", IMG + ("--save-masks", "masks", "--stride", "5"), 2,

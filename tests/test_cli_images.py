@@ -535,6 +535,17 @@ def test_error_case_in_a_subprocess(error_inputs, run_cli, tmp_path, case, code,
     _check_no_outputs(tmp_path)
 
 
+def test_video_only_flags_on_an_image_hint_only_where_it_fits(error_inputs, main_in_process, tmp_path):
+    """The pointer to <name>_labels.png answers --save-masks; after --show or --stride it was noise."""
+    args = [str(error_inputs["good"]), "-m", str(error_inputs["onnx"]), "-o", "out"]
+    line = assert_clean_error(main_in_process(args + ["--show"], cwd=tmp_path), 2,
+                              contains=("--show applies to videos, cameras and streams, not to still images",))
+    assert "label map" not in line, line
+    assert_clean_error(main_in_process(args + ["--stride", "2", "--save-masks", "m"], cwd=tmp_path), 2,
+                       contains=("--save-masks, --stride apply to", "each image's label map is <name>_labels.png"))
+    _check_no_outputs(tmp_path)
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
 @pytest.mark.skipif(os.name == "nt", reason="chmod 000 does not lock a file on Windows")
 def test_unreadable_image(tiny_onnx, main_in_process, tmp_path):

@@ -265,7 +265,22 @@ def test_state_dict_of_another_model_does_not_fit(tmp_path):
     other = TorchModel("deeplabv3_mobilenet_v3_large", device=CPU, pretrained=False).net.model
     path = tmp_path / "deeplab_mobilenet.pth"
     torch.save(other.state_dict(), path)
-    with pytest.raises(ModelLoadError, match="does not fit model lraspp_mobilenet_v3_large"):
+    with pytest.raises(ModelLoadError, match="does not fit model lraspp_mobilenet_v3_large") as info:
+        TorchModel("lraspp_mobilenet_v3_large", device=CPU, weights_file=str(path))
+    # One line that says what differs, not torch's header alone ("... for LRASPP:").
+    message = str(info.value)
+    assert "\n" not in message and not message.endswith(":"), message
+    assert "10 missing tensors (classifier.cbr.0.weight, ...); " in message, message
+    assert "unexpected tensors (classifier.0.convs.0.0.weight, ...)" in message, message
+
+
+def test_state_dict_with_other_shapes_names_the_first(lraspp_state, tmp_path):
+    state = torch.load(lraspp_state, weights_only=True)
+    state["classifier.low_classifier.bias"] = torch.zeros(3)
+    path = tmp_path / "other_shapes.pth"
+    torch.save(state, path)
+    with pytest.raises(ModelLoadError, match=r"does not fit model lraspp_mobilenet_v3_large: size mismatch for "
+                                             r"classifier\.low_classifier\.bias: .*torch\.Size\(\[3\]\)"):
         TorchModel("lraspp_mobilenet_v3_large", device=CPU, weights_file=str(path))
 
 

@@ -126,10 +126,14 @@ def test_views_and_read_only_arrays_are_frames_too(lraspp):
 
 
 @pytest.mark.parametrize(
-    "bad", [np.zeros((10, 10), np.uint8), np.zeros((10, 10, 3), np.float32), np.zeros((10, 10, 4), np.uint8)]
+    "bad, got", [(np.zeros((10, 10), np.uint8), r"got a \(10, 10\) uint8 array"),
+                 (np.zeros((10, 10, 3), np.float32), r"got a \(10, 10, 3\) float32 array"),
+                 (np.zeros((10, 10, 4), np.uint8), r"got a \(10, 10, 4\) uint8 array"),
+                 (None, r"got None \(cv2\.imread gives None for a file it cannot read\)"),
+                 ([[0, 0, 0]], "got list")]
 )
-def test_wrong_arrays_are_refused(bad, lraspp):
-    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8 BGR"):
+def test_wrong_arrays_are_refused(bad, got, lraspp):
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8 BGR array, " + got):
         lraspp(bad)
 
 

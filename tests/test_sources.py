@@ -223,6 +223,22 @@ def test_expand_image_sources(tmp_path: Path) -> None:
     assert got == [extra, shots / "a.JPG", shots / "b.png", shots / "c.webp"]
 
 
+def test_expand_image_sources_leaves_out_a_runs_outputs_beside_their_image(tmp_path: Path) -> None:
+    """`streamseg shots/` with the default `-o .` run inside shots/ writes a_overlay.png and co.
+    there; the next run on shots/ segmented them as photos (a_overlay_overlay.png, ...), and with
+    --overwrite stopped: "output 'a_overlay.png' is the input file"."""
+    png = encoded(colour_image(), ".png")
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for name in ("a.jpg", "a_overlay.png", "a_mask.png", "a_labels.png", "a_overlay_overlay.png",
+                 "b_mask.png", "c.png", "c_labels.png"):
+        (shots / name).write_bytes(png)
+    # b_mask.png has no b.* beside it: a photo of its own; named as a file, an output is kept too.
+    assert expand_image_sources([str(shots)]) == [shots / "a.jpg", shots / "b_mask.png", shots / "c.png"]
+    assert expand_image_sources([str(shots / "*")]) == [shots / "a.jpg", shots / "b_mask.png", shots / "c.png"]
+    assert expand_image_sources([str(shots / "a_mask.png")]) == [shots / "a_mask.png"]
+
+
 def test_expand_image_sources_errors(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -232,9 +248,22 @@ def test_expand_image_sources_errors(tmp_path: Path) -> None:
     assert str(empty) in str(info.value)
     with pytest.raises(SourceError, match="matched no image files"):
         expand_image_sources([str(tmp_path / "*.png")])
+    # A folder or glob of videos (as Ultralytics takes them) says where a video goes instead.
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "a.mp4").write_bytes(b"\0")
+    (clips / "b.mp4").write_bytes(b"\0")
+    (clips / "0_notes.txt").write_text("not a video: never the example")
+    for spec in (clips, clips / "*.mp4"):
+        with pytest.raises(SourceError, match="no image files") as info:
+            expand_image_sources([str(spec)])
+        assert str(info.value).endswith(f"; a video is one SOURCE of its own, one at a time, e.g. '{clips / 'a.mp4'}'")
     with pytest.raises(SourceError, match="does not exist") as info:
         expand_image_sources([str(tmp_path / "missing.png")])
     assert "missing.png" in str(info.value)
+    with pytest.raises(SourceError) as info:  # a folder of other files gets no video hint
+        expand_image_sources([str(empty)])
+    assert "video" not in str(info.value)
 
 
 def test_image_suffixes() -> None:

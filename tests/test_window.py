@@ -187,8 +187,10 @@ def test_window_shows_the_image_and_maps_keys(display):
     pink = np.all(np.abs(shot.astype(int) - PINK) <= 3, axis=2)
     assert pink.sum() >= 100 * 100 * 0.9, "the pink square is not on screen"
     ys, xs = np.nonzero(pink)
-    # A square stays square whatever the window's initial scale.
+    # A square stays square, at its own size: the window opens at the image's size (Qt's default
+    # was 400x300, whatever the image).
     assert abs((ys.max() - ys.min()) - (xs.max() - xs.min())) <= 2
+    assert abs((xs.max() - xs.min() + 1) - 100) <= 2, f"the 100 px square is {xs.max() - xs.min() + 1} px wide"
     grey = np.all(shot == 128, axis=2)
     assert grey.sum() > pink.sum(), "the grey background is not on screen"
 
