@@ -223,14 +223,15 @@ def test_existing_outputs_and_inputs_are_kept(tiny: Path, videos: dict[str, Path
     assert len(list((tmp_path / "masks").iterdir())) == 40
     assert cv2.imread(str(tmp_path / "masks" / "000000.png"), cv2.IMREAD_UNCHANGED).shape == (120, 160)
 
-    # a.png's overlay would be named like the second input: refused, --overwrite or not.
+    # a.png's overlay would be named like the second input: refused, --overwrite or not. (Named
+    # on the command line: from a folder, a_overlay.png beside a.png counts as a.png's output.)
     img = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     shots = tmp_path / "shots"
     shots.mkdir()
     for name in ("a.png", "a_overlay.png"):
         cv2.imwrite(str(shots / name), img)
     before = {p.name: p.read_bytes() for p in shots.iterdir()}
-    clash = run_cli(shots, "-m", tiny, "-o", shots, "--overwrite", cwd=tmp_path)
+    clash = run_cli(shots / "a.png", shots / "a_overlay.png", "-m", tiny, "-o", shots, "--overwrite", cwd=tmp_path)
     assert clash.returncode == 1 and "is the input" in clash.stderr.strip().splitlines()[-1], clash.stderr
     assert {p.name: p.read_bytes() for p in shots.iterdir()} == before
     assert leftovers(tmp_path) == []
