@@ -262,6 +262,12 @@ def expand_image_sources(specs: Sequence[str]) -> list[Path]:
                 listed = " ".join(sorted(IMAGE_SUFFIXES))
                 others = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
                 raise SourceError(f"directory '{spec}' contains no image files ({listed}){_video_hint(others)}")
+            videos = [p for p in path.iterdir() if p.suffix.lower() in _VIDEO_NAMES and not p.name.startswith(".") and p.is_file()]
+            if videos:  # said, not skipped without a word
+                log.warning("directory '%s': %d video%s left out (%s); a video is one SOURCE of its own, e.g. '%s'",
+                            spec, len(videos), "" if len(videos) == 1 else "s",
+                            ", ".join(sorted(v.name for v in videos)[:3]) + (", ..." if len(videos) > 3 else ""),
+                            sorted(videos)[0])
         elif any(ch in _GLOB_CHARS for ch in spec):
             found = [Path(m) for m in sorted(glob.glob(spec, recursive=True)) if _is_image_name(Path(m)) and os.path.isfile(m)]
             found = _without_own_outputs(found)

@@ -266,6 +266,24 @@ def test_expand_image_sources_errors(tmp_path: Path) -> None:
     assert "video" not in str(info.value)
 
 
+def test_a_folder_of_images_and_videos_says_the_videos_are_left_out(tmp_path: Path, caplog) -> None:
+    shots = tmp_path / "trip"
+    shots.mkdir()
+    cv2.imwrite(str(shots / "a.jpg"), np.zeros((8, 8, 3), np.uint8))
+    (shots / "drive.mp4").write_bytes(b"\0")
+    (shots / "notes.txt").write_text("neither")
+    with caplog.at_level(logging.WARNING, logger="streamseg.sources"):
+        assert expand_image_sources([str(shots)]) == [shots / "a.jpg"]
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == [f"directory '{shots}': 1 video left out (drive.mp4); a video is one SOURCE of its own, "
+                    f"e.g. '{shots / 'drive.mp4'}'"]
+    caplog.clear()
+    (shots / "drive.mp4").unlink()
+    with caplog.at_level(logging.WARNING, logger="streamseg.sources"):
+        expand_image_sources([str(shots)])
+    assert not caplog.records, "nothing to say about a folder of images"
+
+
 def test_image_suffixes() -> None:
     assert IMAGE_SUFFIXES == {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
