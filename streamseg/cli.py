@@ -422,7 +422,7 @@ def _export(argv: Sequence[str]) -> int:
 
     path = export_onnx(opts)
     if not opts.quiet:
-        print(f"wrote {path}")
+        print(f"wrote {path} ({opts.model}, ONNX opset {opts.opset})")
     return 0
 
 

@@ -86,7 +86,8 @@ def export_onnx(opts: ExportOptions) -> Path:
                 raise SinkError(f"output '{out}' exists; pass --overwrite to replace it")
     except OSError as exc:
         raise SinkError(f"cannot write '{out}': {exc.strerror or exc}") from exc
-    log.info("exported %s at %dx%d (opset %d) to %s", opts.model, width, height, opts.opset, out)
+    # The CLI says "wrote ..." once; this is for --debug.
+    log.debug("exported %s at %dx%d (opset %d) to %s", opts.model, width, height, opts.opset, out)
     return out
 
 

@@ -361,6 +361,8 @@ class _H264Output:
                 source.close()
                 return None
             in_stream = source.streams.audio[0]
+            if len(source.streams.audio) > 1:  # an MP4 for browsers plays one track: said, not dropped unseen
+                log.warning("%s has %d audio tracks; the video keeps the first", audio_from, len(source.streams.audio))
             codec = in_stream.codec_context.codec if in_stream.codec_context is not None else None
             # The codec's own name ("mp3"), not its decoder's ("mp3float").
             name = codec.canonical_name if codec is not None else "unknown"

@@ -38,14 +38,16 @@ def decoded_frames(path: Path) -> int:
 
 
 def make_sound_source(path: Path, *, audio: str, container: str, frames: int = 25, layout: str = "stereo",
-                      sample_rate: int = 48000) -> Path:
+                      sample_rate: int = 48000, tracks: int = 1) -> Path:
     """A 64x48, 25 fps video with an `audio` track exactly as long as it: silence, then from
-    BURST_S on a 440 Hz tone, so where the sound sits in time can be read back."""
+    BURST_S on a 440 Hz tone, so where the sound sits in time can be read back. `tracks` > 1:
+    that many such tracks (a film's language or commentary tracks)."""
     with av.open(str(path), "w", format=container) as out:
         video = out.add_stream("libx264", rate=25)
         video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
-        sound = out.add_stream(audio, rate=sample_rate)
-        sound.layout = layout
+        sounds = [out.add_stream(audio, rate=sample_rate) for _ in range(tracks)]
+        for sound in sounds:
+            sound.layout = layout
         for i in range(frames):
             for packet in video.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 8 * i, np.uint8), "bgr24")):
                 out.mux(packet)
@@ -54,15 +56,16 @@ def make_sound_source(path: Path, *, audio: str, container: str, frames: int = 2
         total = frames * sample_rate // 25
         t = np.arange(total) / sample_rate
         pcm = np.where(t >= BURST_S, 0.5 * np.sin(2 * np.pi * 440 * t), 0.0).astype(np.float32)
-        channels = sound.codec_context.layout.nb_channels
-        for start in range(0, total, 1024):
-            frame = av.AudioFrame.from_ndarray(np.repeat(pcm[None, start:start + 1024], channels, axis=0),
-                                               format="fltp", layout=layout)
-            frame.sample_rate, frame.pts, frame.time_base = sample_rate, start, Fraction(1, sample_rate)
-            for packet in sound.encode(frame):
+        for sound in sounds:
+            channels = sound.codec_context.layout.nb_channels
+            for start in range(0, total, 1024):
+                frame = av.AudioFrame.from_ndarray(np.repeat(pcm[None, start:start + 1024], channels, axis=0),
+                                                   format="fltp", layout=layout)
+                frame.sample_rate, frame.pts, frame.time_base = sample_rate, start, Fraction(1, sample_rate)
+                for packet in sound.encode(frame):
+                    out.mux(packet)
+            for packet in sound.encode(None):
                 out.mux(packet)
-        for packet in sound.encode(None):
-            out.mux(packet)
     return path
 
 

@@ -125,7 +125,8 @@ def test_cli_export_subcommand(weights_file: Path, tmp_path: Path, capsys):
     code = cli.main(["export", "-m", NAME, "--weights", str(weights_file), "-o", str(out), "--input-size", "64x48"])
     assert code == 0
     assert out.is_file()
-    assert f"wrote {out}" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert said.out == f"wrote {out} ({NAME}, ONNX opset 17)\n" and said.err == "", "one line for one file"
     code = cli.main(["export", "-m", NAME, "--weights", str(weights_file), "-o", str(out), "--input-size", "64x48"])
     assert code == 1
     assert "--overwrite" in capsys.readouterr().err

@@ -218,6 +218,18 @@ def test_audio_browsers_play_is_copied_untouched(tmp_path, caplog, audio, name, 
     assert sound_onset_s(out) == pytest.approx(sound_onset_s(src), abs=0.005)
 
 
+def test_a_second_audio_track_is_named_as_left_out(tmp_path, caplog):
+    src = make_sound_source(tmp_path / "src.mkv", audio="aac", container="matroska", tracks=2)
+    out = tmp_path / "out.mp4"
+    with caplog.at_level(logging.INFO, logger="streamseg.videowriter"):
+        write_all(src, out)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert said == [f"{src} has 2 audio tracks; the video keeps the first"]
+    with av.open(str(out)) as c:
+        assert len(c.streams.audio) == 1 and c.streams.audio[0].codec_context.name == "aac"
+    assert sound_onset_s(out) == pytest.approx(sound_onset_s(src), abs=0.005)
+
+
 def test_audio_that_does_not_decode_warns_once_and_writes_video_only(tmp_path, caplog):
     src = make_sound_source(tmp_path / "src.mp4", audio="ac3", container="mp4")
     with av.open(str(src)) as c:
