@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from .overlay import Painter, draw_legend
 from .sinks import JsonLines, check_dir, check_target, ensure_dir, write_png
-from .sources import read_image
+from .sources import IMAGE_OUTPUT_KINDS, read_image
 from .segmenter import Segmenter
 from .types import Segmentation, SourceError
 
@@ -33,8 +33,8 @@ class ImageResult:
 
 def image_outputs(path: Path, out_dir: Path) -> tuple[Path, Path, Path]:
     """<stem>_overlay.png, <stem>_mask.png, <stem>_labels.png in out_dir."""
-    stem = path.stem
-    return (out_dir / f"{stem}_overlay.png", out_dir / f"{stem}_mask.png", out_dir / f"{stem}_labels.png")
+    overlay, mask, labels = (out_dir / f"{path.stem}{kind}.png" for kind in IMAGE_OUTPUT_KINDS)
+    return overlay, mask, labels
 
 
 def class_record(seg: Segmentation) -> dict:

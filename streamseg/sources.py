@@ -107,8 +107,8 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-#: What a run writes per image, <stem><kind>.png (pipeline.image_outputs).
-_OUTPUT_KINDS = ("_overlay", "_mask", "_labels")
+#: What a run writes per image: <stem><kind>.png (pipeline.image_outputs names them from this).
+IMAGE_OUTPUT_KINDS = ("_overlay", "_mask", "_labels")
 
 
 def _without_own_outputs(found: list[Path]) -> list[Path]:
@@ -116,7 +116,7 @@ def _without_own_outputs(found: list[Path]) -> list[Path]:
     a run with the default `-o .` puts them there, and the next run on the folder segmented them."""
     stems = {(p.parent, p.stem) for p in found}
     return [p for p in found if not (p.suffix == ".png" and any(
-        p.stem.endswith(kind) and (p.parent, p.stem[: -len(kind)]) in stems for kind in _OUTPUT_KINDS))]
+        p.stem.endswith(kind) and (p.parent, p.stem[: -len(kind)]) in stems for kind in IMAGE_OUTPUT_KINDS))]
 
 
 class _Refused(SourceError):
@@ -226,12 +226,13 @@ _VIDEO_NAMES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts"
                           ".wmv", ".flv", ".3gp"})
 
 
-def _video_hint(files: list[Path]) -> str:
+def _videos(files: list[Path]) -> list[Path]:
+    return [f for f in files if f.suffix.lower() in _VIDEO_NAMES]
+
+
+def _video_hint(videos: list[Path]) -> str:
     """For a folder or glob of videos: where a video goes instead (SOURCE only takes them singly)."""
-    videos = [f for f in files if f.suffix.lower() in _VIDEO_NAMES]
-    if not videos:
-        return ""
-    return f"; a video is one SOURCE of its own, one at a time, e.g. '{videos[0]}'"
+    return f"; a video is one SOURCE of its own, one at a time, e.g. '{videos[0]}'" if videos else ""
 
 
 def expand_image_sources(specs: Sequence[str]) -> list[Path]:
@@ -256,24 +257,21 @@ def expand_image_sources(specs: Sequence[str]) -> list[Path]:
             found = [path]
         elif path.is_dir():
             # Hidden files are skipped: macOS "._photo.jpg" resource forks carry image suffixes but are not images.
-            found = sorted(p for p in path.iterdir() if _is_image_name(p) and not p.name.startswith(".") and p.is_file())
-            found = _without_own_outputs(found)
+            files = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+            found = _without_own_outputs([p for p in files if _is_image_name(p)])
+            videos = _videos(files)
             if not found:
                 listed = " ".join(sorted(IMAGE_SUFFIXES))
-                others = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
-                raise SourceError(f"directory '{spec}' contains no image files ({listed}){_video_hint(others)}")
-            videos = [p for p in path.iterdir() if p.suffix.lower() in _VIDEO_NAMES and not p.name.startswith(".") and p.is_file()]
+                raise SourceError(f"directory '{spec}' contains no image files ({listed}){_video_hint(videos)}")
             if videos:  # said, not skipped without a word
                 log.warning("directory '%s': %d video%s left out (%s); a video is one SOURCE of its own, e.g. '%s'",
                             spec, len(videos), "" if len(videos) == 1 else "s",
-                            ", ".join(sorted(v.name for v in videos)[:3]) + (", ..." if len(videos) > 3 else ""),
-                            sorted(videos)[0])
+                            ", ".join(v.name for v in videos[:3]) + (", ..." if len(videos) > 3 else ""), videos[0])
         elif any(ch in _GLOB_CHARS for ch in spec):
-            found = [Path(m) for m in sorted(glob.glob(spec, recursive=True)) if _is_image_name(Path(m)) and os.path.isfile(m)]
-            found = _without_own_outputs(found)
+            files = [Path(m) for m in sorted(glob.glob(spec, recursive=True)) if os.path.isfile(m)]
+            found = _without_own_outputs([p for p in files if _is_image_name(p)])
             if not found:
-                others = [Path(m) for m in sorted(glob.glob(spec, recursive=True)) if os.path.isfile(m)]
-                raise SourceError(f"pattern '{spec}' matched no image files{_video_hint(others)}")
+                raise SourceError(f"pattern '{spec}' matched no image files{_video_hint(_videos(files))}")
         else:
             raise SourceError(f"image source '{spec}' does not exist")
         for file in found:

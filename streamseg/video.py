@@ -144,7 +144,7 @@ class _Balance:
         self._give_way = threading.Event()
         self._settled: set[str] = set()  # threads with nothing left to do in step()
         self._clock: dict[str, float] = {}
-        self._cpu: dict[str, list] = {}  # thread -> [CPU seconds, frames] in the timed window
+        self._cpu: dict[str, list] = {"capture": [0.0, 0], "output": [0.0, 0]}  # CPU seconds, frames in the timed window
         self._timing = False
         self._count = 0  # forwards so far in this setting
         self._warm = self.WARM
@@ -176,7 +176,7 @@ class _Balance:
         last = self._clock.get(name)
         self._clock[name] = now
         if last is not None and self._timing and now >= last:  # (a stage's new thread starts its clock at 0)
-            seen = self._cpu.setdefault(name, [0.0, 0])
+            seen = self._cpu[name]
             seen[0] += now - last
             seen[1] += 1
 
